@@ -1,0 +1,143 @@
+"""Attention over the slot KV cache, shared by every model family.
+
+A forward pass packs the tokens of all its sequences into one [num_tokens, ...] tensor.
+`ForwardBatch` says which sequence each run of tokens belongs to, which cache slot it owns
+and how many of its tokens are already cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ForwardBatch:
+    is_prefill: bool
+    # cache slot of each sequence
+    slot_ids: list[int]
+    # tokens of each sequence already in the cache before this forward
+    context_lens: list[int]
+    # tokens of each sequence in this forward (decode: all 1)
+    query_lens: list[int]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # [num_tokens] position of every token
+    positions: torch.Tensor = field(init=False)
+    # decode only: [num_seqs] slots and cached lengths, [num_seqs, 1, 1, max_len] valid keys
+    slot_tensor: torch.Tensor = field(init=False)
+    context_tensor: torch.Tensor = field(init=False)
+    decode_mask: torch.Tensor | None = field(init=False, default=None)
+    # decode only: slots are exactly 0..num_seqs-1, so the cache can be read as a view
+    is_contiguous: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        assert len(self.slot_ids) == len(self.context_lens) == len(self.query_lens)
+        self.positions = torch.cat([
+            torch.arange(ctx, ctx + n, dtype=torch.long)
+            for ctx, n in zip(self.context_lens, self.query_lens, strict=True)
+        ]).to(self.device)
+        self.slot_tensor = torch.tensor(self.slot_ids, dtype=torch.long, device=self.device)
+        self.context_tensor = torch.tensor(self.context_lens, dtype=torch.long, device=self.device)
+        if not self.is_prefill:
+            assert all(n == 1 for n in self.query_lens)
+            self.is_contiguous = self.slot_ids == list(range(len(self.slot_ids)))
+            kv_len = max(self.context_lens) + 1
+            keys = torch.arange(kv_len, device=self.device)
+            # [num_seqs, 1, 1, kv_len]: key j is visible to sequence i if j <= its position
+            self.decode_mask = (keys[None, :] <= self.context_tensor[:, None])[:, None, None, :]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    def last_token_indices(self) -> torch.Tensor:
+        """Index of each sequence's last token in the packed tensor."""
+        ends = torch.tensor(self.query_lens, dtype=torch.long).cumsum(0) - 1
+        return ends.to(self.device)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Store k, v in the cache and attend. q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+    if batch.is_prefill:
+        return _prefill_attention(q, k, v, k_cache, v_cache, batch, scale)
+    return _decode_attention(q, k, v, k_cache, v_cache, batch, scale)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    outputs = []
+    start = 0
+    for slot, ctx, n in zip(batch.slot_ids, batch.context_lens, batch.query_lens, strict=True):
+        # [Hkv, n, D] for this sequence
+        seq_k = k[start:start + n].transpose(0, 1)
+        seq_v = v[start:start + n].transpose(0, 1)
+        k_cache[slot, :, ctx:ctx + n] = seq_k
+        v_cache[slot, :, ctx:ctx + n] = seq_v
+        seq_q = q[start:start + n].transpose(0, 1)  # [H, n, D]
+        if ctx == 0:
+            out = F.scaled_dot_product_attention(
+                seq_q, seq_k, seq_v, is_causal=True, scale=scale,
+                enable_gqa=num_heads != num_kv_heads,
+            )
+        else:
+            # continuing a sequence: the new tokens see the whole cached prefix
+            keys = k_cache[slot, :, :ctx + n]
+            values = v_cache[slot, :, :ctx + n]
+            mask = torch.ones(n, ctx + n, dtype=torch.bool, device=q.device).tril(ctx)
+            out = F.scaled_dot_product_attention(
+                seq_q, keys, values, attn_mask=mask, scale=scale,
+                enable_gqa=num_heads != num_kv_heads,
+            )
+        outputs.append(out.transpose(0, 1).reshape(n, -1))
+        start += n
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    slots, positions = batch.slot_tensor, batch.context_tensor
+    k_cache[slots, :, positions] = k
+    v_cache[slots, :, positions] = v
+    mask = batch.decode_mask
+    assert mask is not None
+    kv_len = mask.shape[-1]
+    if batch.is_contiguous:
+        keys, values = k_cache[:num_seqs, :, :kv_len], v_cache[:num_seqs, :, :kv_len]
+    else:
+        keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
+    # Grouped-query attention as a batched matmul over [seq, kv_head, group]: no KV repeat.
+    group = num_heads // num_kv_heads
+    grouped_q = q.view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(grouped_q, keys.transpose(-1, -2)) * scale  # [B, Hkv, G, kv_len]
+    scores = scores.float().masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
+    return out.reshape(num_seqs, num_heads * head_dim)

@@ -1,0 +1,95 @@
+"""The KV cache of one engine (one stage): a fixed number of sequence slots per layer.
+
+Every running sequence owns one slot; slot s of layer l holds its keys and values for positions
+[0, max_len). The scheduler keeps the running sequences in slots 0..n-1 (it moves the last
+sequence into a freed slot), so a decode step reads `k[:n, :, :L]`, a view, never a gather.
+On the CPU the tensors come from `torch.empty`, so untouched slots cost no resident memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.engine.errors import ContextLengthError
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        element_size = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+
+
+@dataclass(frozen=True)
+class KVCacheBudget:
+    num_slots: int
+    max_len: int
+
+
+def plan_kv_cache(
+    shape: KVCacheShape, *, max_num_seqs: int, max_model_len: int, kv_cache_bytes: int | None
+) -> KVCacheBudget:
+    """How many sequences of how many tokens fit in `kv_cache_bytes` (None: no limit)."""
+    if kv_cache_bytes is None:
+        return KVCacheBudget(num_slots=max_num_seqs, max_len=max_model_len)
+    budget_tokens = kv_cache_bytes // shape.bytes_per_token
+    if budget_tokens < 2:
+        raise ContextLengthError(
+            f"a KV cache budget of {kv_cache_bytes} bytes holds {budget_tokens} tokens "
+            f"at {shape.bytes_per_token} bytes per token; at least 2 are needed"
+        )
+    if budget_tokens < max_model_len:
+        return KVCacheBudget(num_slots=1, max_len=budget_tokens)
+    return KVCacheBudget(num_slots=min(max_num_seqs, budget_tokens // max_model_len),
+                         max_len=max_model_len)
+
+
+class KVCache:
+    """Keys and values per layer: [num_slots, num_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, shape: KVCacheShape, budget: KVCacheBudget, device: torch.device) -> None:
+        self.shape = shape
+        self.num_slots = budget.num_slots
+        self.max_len = budget.max_len
+        dims = (budget.num_slots, shape.num_kv_heads, budget.max_len, shape.head_dim)
+        self.k = [torch.empty(dims, dtype=shape.dtype, device=device)
+                  for _ in range(shape.num_layers)]
+        self.v = [torch.empty(dims, dtype=shape.dtype, device=device)
+                  for _ in range(shape.num_layers)]
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` in every layer."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :length].copy_(k[src, :, :length])
+            v[dst, :, :length].copy_(v[src, :, :length])
+
+    def export_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of a slot's keys and values, each [num_layers, kv_heads, length, head_dim]."""
+        keys = torch.stack([k[slot, :, :length] for k in self.k]).cpu()
+        values = torch.stack([v[slot, :, :length] for v in self.v]).cpu()
+        return keys, values
+
+    def import_slot(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write exported keys and values ([num_layers, kv_heads, length, head_dim]) into a slot."""
+        expected = (self.shape.num_layers, self.shape.num_kv_heads)
+        if tuple(keys.shape[:2]) != expected or keys.shape != values.shape:
+            raise ValueError(
+                f"KV of shape {tuple(keys.shape)} does not fit a cache of "
+                f"{expected[0]} layers x {expected[1]} KV heads"
+            )
+        length = keys.shape[2]
+        if length > self.max_len:
+            raise ContextLengthError(
+                f"imported sequence holds {length} tokens; slots hold {self.max_len}"
+            )
+        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k[slot, :, :length].copy_(keys[layer])
+            v[slot, :, :length].copy_(values[layer])

@@ -1,0 +1,166 @@
+"""What every model family implements, and the layers they share.
+
+A family module defines `XForCausalLM(StageModel)`, built for decoder layers
+[stage.start_layer, stage.end_layer) on the `meta` device. Parameters keep the Hugging Face
+names, so a checkpoint tensor loads into the parameter of the same name; the loader asks the
+model which checkpoint tensors it owns (`weight_targets`) and assigns them (no second copy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.worker.engine.attention import ForwardBatch
+from services.worker.engine.config import ModelConfig, StageSpec
+from services.worker.engine.errors import ModelFormatError, UnsupportedModelError
+from services.worker.engine.kv_cache import KVCache, KVCacheShape
+
+# What flows between stages: the hidden states [num_tokens, hidden] (first stage: token ids).
+StageInput = torch.Tensor
+
+
+class StageModel(nn.Module):
+    family: ClassVar[str]
+
+    def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
+        super().__init__()
+        self.config = config
+        self.stage = stage
+
+    # --- what a family provides -----------------------------------------------------------
+    def kv_cache_shape(self, dtype: torch.dtype) -> KVCacheShape:
+        raise NotImplementedError
+
+    def forward(self, inputs: StageInput, batch: ForwardBatch) -> torch.Tensor:
+        """First stage: token ids [T]; others: hidden [T, hidden]. Returns hidden [T, hidden]."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage only: hidden [N, hidden] -> logits [N, vocab] in float32."""
+        raise NotImplementedError
+
+    def weight_targets(self) -> dict[str, list[str]]:
+        """Checkpoint tensor name -> the parameters it fills (tied embeddings fill two)."""
+        raise NotImplementedError
+
+    def checkpoint_name(self, name: str) -> str:
+        """The canonical name of a checkpoint tensor (families fix naming quirks here)."""
+        return name
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Create the non-checkpoint buffers (rotary tables) on the real device."""
+
+    # --- shared machinery -------------------------------------------------------------------
+    def bind_kv_cache(self, cache: KVCache) -> None:
+        for local, layer in enumerate(self.decoder_layers()):
+            layer.k_cache = cache.k[local]
+            layer.v_cache = cache.v[local]
+
+    def decoder_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def set_weight(self, param_name: str, tensor: torch.Tensor) -> None:
+        """Replace a (meta) parameter with a loaded tensor, checking its shape."""
+        *path, leaf = param_name.split(".")
+        module: nn.Module = self
+        for part in path:
+            module = getattr(module, part)
+        current = getattr(module, leaf)
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise ModelFormatError(
+                f"checkpoint tensor for {param_name} has shape {tuple(tensor.shape)}, "
+                f"the model config says {tuple(current.shape)}"
+            )
+        setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
+
+    def meta_parameters(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.is_meta]
+
+
+def hf_get(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of `keys` present in an HF config (names changed across versions)."""
+    for key in keys:
+        if key in hf and hf[key] is not None:
+            return hf[key]
+    return default
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # HF computes the norm in float32 and scales in the input dtype.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return weight * normed
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Rotary:
+    """Rotary position embedding tables (rotate-half layout, as HF checkpoints use)."""
+
+    def __init__(self, hf: dict[str, Any], *, head_dim: int, max_positions: int) -> None:
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or rope
+        self.theta = float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0)))
+        self.rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise UnsupportedModelError(f"rope scaling type {self.rope_type!r} is not supported")
+        self.scaling = scaling
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+
+    def inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        if self.rope_type == "linear":
+            return inv_freq / float(self.scaling["factor"])
+        if self.rope_type == "llama3":
+            return _llama3_inv_freq(inv_freq, self.scaling)
+        return inv_freq
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, Hkv, D] rotated at `positions` [T]."""
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
