@@ -34,13 +34,16 @@ class ForwardBatch:
 
     def __post_init__(self) -> None:
         assert len(self.slot_ids) == len(self.context_lens) == len(self.query_lens)
-        self.positions = torch.cat([
-            torch.arange(ctx, ctx + n, dtype=torch.long)
-            for ctx, n in zip(self.context_lens, self.query_lens, strict=True)
-        ]).to(self.device)
         self.slot_tensor = torch.tensor(self.slot_ids, dtype=torch.long, device=self.device)
         self.context_tensor = torch.tensor(self.context_lens, dtype=torch.long, device=self.device)
-        if not self.is_prefill:
+        if self.is_prefill:
+            self.positions = torch.cat([
+                torch.arange(ctx, ctx + n, dtype=torch.long)
+                for ctx, n in zip(self.context_lens, self.query_lens, strict=True)
+            ]).to(self.device)
+        else:
+            # a decode token sits right after its sequence's cached tokens
+            self.positions = self.context_tensor
             assert all(n == 1 for n in self.query_lens)
             self.is_contiguous = self.slot_ids == list(range(len(self.slot_ids)))
             kv_len = max(self.context_lens) + 1
