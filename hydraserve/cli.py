@@ -1,0 +1,72 @@
+"""The `hydraserve` command. Each subcommand imports what it needs when it runs, so a command
+that only touches the engine never imports the web or database stacks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from hydraserve.generate import run_generate
+
+    return run_generate(args)
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from services.worker.demo_model import main as demo_main
+
+    return demo_main([str(args.out_dir), "--size", args.size, "--seed", str(args.seed)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hydraserve", description="HydraServe: serverless LLM serving with fast cold starts."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser(
+        "generate", help="generate text from a model folder, streaming to the terminal",
+        description="Load an HF model folder with HydraServe's engine and stream a completion.",
+    )
+    gen.add_argument("model_dir", type=Path, help="HF model folder (config.json, safetensors)")
+    gen.add_argument("prompt", nargs="+", help="the prompt (several prompts run as one batch)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a user message through the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--stages", default=None,
+                     help="run as a chain of stages split at these layers, e.g. 0,2,4")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16",
+                                                         "bfloat16"])
+    gen.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    gen.set_defaults(handler=_generate)
+
+    demo = commands.add_parser(
+        "demo-model", help="write a small random-weight Llama-family model folder",
+        description="Write an HF-format Llama folder with random weights, a BPE tokenizer "
+                    "trained on bundled text and a chat template (no download needed).",
+    )
+    demo.add_argument("out_dir", type=Path)
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small", "100m"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`hydraserve demo-model` and `hydraserve generate` as a user runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hydraserve.cli import main
+from services.worker.engine.engine import LLMEngine, generate
+from services.worker.engine.sequence import SamplingParams
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo-model", str(out), "--seed", "1"]) == 0
+    return out
+
+
+def expected_text(folder: Path, prompt: str, max_tokens: int) -> str:
+    engine = LLMEngine.from_model_dir(folder)
+    engine.load()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return generate(engine, [prompt], params)[0].text
+
+
+def test_generate_streams_the_greedy_completion_to_stdout(
+    demo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", str(demo), "The river", "--max-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected_text(demo, "The river", 12)
+    assert "prompt_tokens=" in err and "loaded" in err
+
+
+def test_generate_through_a_chain_of_stages_prints_the_same_text(
+    demo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", str(demo), "The river", "--max-tokens", "12",
+                 "--stages", "0,1,2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected_text(demo, "The river", 12)
+    assert "stages [0,1), [1,2)" in err
+
+
+def test_generate_names_a_missing_model_folder_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", str(tmp_path / "nope"), "hi"]) == 2
+    assert f"model folder '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
