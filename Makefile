@@ -1,10 +1,11 @@
-# Set-up and the two everyday commands: `make up` runs HydraServe, `make test` runs the tests.
+# Set-up and the everyday commands: `make demo` runs the engine on the demo model,
+# `make test` runs the tests. Each installs what it needs into .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test lint bench-engine clean
+.PHONY: install demo test lint bench-engine clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-up: $(STAMP)
-	$(BIN)/hydraserve up
+demo: $(STAMP)
+	$(BIN)/hydraserve demo-model .hydraserve/demo-model
+	$(BIN)/hydraserve generate .hydraserve/demo-model "Once upon a time" --max-tokens 48
 
 test: $(STAMP)
 	$(BIN)/ruff check .
