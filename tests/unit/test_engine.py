@@ -209,3 +209,17 @@ def test_unsupported_architectures_and_missing_files_are_named(tmp_path: Path) -
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(ModelFormatError, match="no valid layer count"):
         ModelConfig.from_model_dir(tmp_path)
+
+
+def test_never_written_cache_memory_cannot_leak_into_outputs(saved: SavedModel) -> None:
+    folder, hf = saved
+    engine = make_engine(folder)
+    for runner in engine.runners:
+        assert runner.kv_cache is not None
+        for tensor in (*runner.kv_cache.k, *runner.kv_cache.v):
+            tensor.fill_(float("nan"))  # what `torch.empty` may hand out
+    for i, prompt in enumerate(PROMPTS):  # different lengths: short ones read past their end
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    tokens = run_to_end(engine)
+    for i, prompt in enumerate(PROMPTS):
+        assert tokens[f"r{i}"] == hf_greedy(hf, prompt, 24)

@@ -124,3 +124,13 @@ def test_sharded_checkpoint_loads_through_its_index(
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     logits = prefill_logits(make_runner(tmp_path), PROMPTS[:1])
     assert torch.allclose(logits, hf_logits(hf, PROMPTS[0]), atol=1e-4, rtol=0)
+
+
+def test_a_mistral_sliding_window_caps_the_sequence_length(
+    save_hf_model: Callable[..., SavedModel],
+) -> None:
+    from transformers import MistralConfig
+
+    folder, _ = save_hf_model(MistralConfig(num_attention_heads=4, num_key_value_heads=1,
+                                            sliding_window=64, **SMALL))
+    assert make_engine(folder).max_model_len == 64

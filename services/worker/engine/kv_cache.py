@@ -64,6 +64,24 @@ class KVCache:
                   for _ in range(shape.num_layers)]
         self.v = [torch.empty(dims, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
+        # slot -> positions [0, n) of its values that hold finite numbers
+        self._readable = [0] * budget.num_slots
+
+    def make_readable(self, slot_ids: list[int], written: list[int], length: int) -> None:
+        """Make positions [0, length) of the slots safe to read in a decode step.
+
+        A decode step reads up to the batch's longest sequence, so a shorter one reads positions
+        past the `written` ones; their attention weight is 0, but 0 * NaN is NaN, and `empty`
+        memory may hold NaN. So each slot's values are zeroed once, past what its sequence
+        wrote, up to the furthest position a step has read (only values: masked scores
+        replace whatever the keys give). Positions [0, readable) stay finite from then on.
+        """
+        for slot, num_written in zip(slot_ids, written, strict=True):
+            start = max(self._readable[slot], num_written)
+            if start < length:
+                for v in self.v:
+                    v[slot, :, start:length].zero_()
+            self._readable[slot] = max(self._readable[slot], length)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` in every layer."""

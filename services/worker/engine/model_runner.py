@@ -30,9 +30,14 @@ class ModelRunner:
     @property
     def max_model_len(self) -> int:
         if self.config.max_model_len is not None:
-            return self.config.max_model_len
-        return min(self.model_config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN,
-                   DEFAULT_MAX_MODEL_LEN)
+            length = self.config.max_model_len
+        else:
+            length = min(self.model_config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN,
+                         DEFAULT_MAX_MODEL_LEN)
+        # Mistral-style sliding-window attention is not implemented: within the window it is
+        # plain causal attention, so sequences are capped there rather than computed wrongly.
+        window = self.model_config.hf_config.get("sliding_window")
+        return min(length, window) if isinstance(window, int) and window > 0 else length
 
     def load(self, sources: Iterable[tuple[str, torch.Tensor]] | None = None) -> LoadStats:
         """Assign weights (default: the model folder's safetensors), then make the cache."""
@@ -55,6 +60,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Run the stage: token ids [T] (first stage) or hidden [T, hidden] -> hidden."""
+        if not batch.is_prefill:
+            assert self.kv_cache is not None
+            # this step writes position context_len of every sequence
+            written = [n + 1 for n in batch.context_lens]
+            self.kv_cache.make_readable(batch.slot_ids, written, max(written))
         return self.model(inputs.to(self.device), batch)
 
     @torch.inference_mode()

@@ -1,0 +1,207 @@
+"""HydraServe's engine side by side with Hugging Face transformers on one ~100M Llama checkpoint.
+
+Measures, on the same checkpoint, device and thread count:
+  - load time to ready, in-process (imports already done) and as a fresh process;
+  - prefill tokens/s for a batch of equal-length prompts;
+  - decode tokens/s at batch 1 and batch 16 (16 prompts of different lengths: ours batched
+    continuously, HF `generate` with left padding);
+  - a 32-request workload with mixed output lengths, at most 16 at once (where continuous
+    batching differs most from static batches).
+Prints each figure and the ratio ours / HF. Run: `python bench/engine.py [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.worker.engine.config import EngineConfig  # noqa: E402
+from services.worker.engine.engine import LLMEngine, generate  # noqa: E402
+from services.worker.engine.model_runner import ModelRunner  # noqa: E402
+from services.worker.engine.sequence import SamplingParams  # noqa: E402
+
+VOCAB = 32000
+
+
+def make_checkpoint(folder: Path) -> Path:
+    """A random Llama of ~134M parameters (hidden 768, 12 layers, GQA 12/4, vocab 32000)."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=4, vocab_size=VOCAB,
+                         max_position_embeddings=2048)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# --- load ---------------------------------------------------------------------------------------
+OURS_LOAD = """
+import time, sys; t = time.perf_counter()
+sys.path.insert(0, {root!r})
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.model_runner import ModelRunner
+ModelRunner(EngineConfig(model_path={path!r}, max_num_seqs=16, max_model_len=1024)).load()
+print(time.perf_counter() - t)
+"""
+HF_LOAD = """
+import time; t = time.perf_counter()
+import torch
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32).eval()
+print(time.perf_counter() - t)
+"""
+
+
+def process_load(script: str, path: Path) -> float:
+    """Wall time of a fresh interpreter that imports and loads, to ready."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), path=str(path))],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def load_ours(path: Path) -> ModelRunner:
+    runner = ModelRunner(EngineConfig(model_path=path, max_num_seqs=16, max_model_len=1024))
+    runner.load()
+    return runner
+
+
+def load_hf(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# --- generation ---------------------------------------------------------------------------------
+def ours_generate(path: Path, prompts: list[list[int]], new_tokens: list[int]) -> float:
+    engine = LLMEngine.from_model_dir(path, with_tokenizer=False, max_num_seqs=16,
+                                      max_model_len=1024)
+    engine.load()
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in new_tokens]
+    return timed(lambda: generate(engine, list(prompts), params))
+
+
+def hf_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int,
+                batch_size: int) -> float:
+    """HF generate in static batches of `batch_size`, left-padded."""
+
+    def run() -> None:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               pad_token_id=0, eos_token_id=None)
+
+    return timed(run)
+
+
+def prefill_rates(runner: ModelRunner, hf: torch.nn.Module, prompts: list[list[int]]
+                  ) -> tuple[float, float]:
+    num_tokens = sum(map(len, prompts))
+
+    def ours() -> None:
+        batch = runner.new_batch(is_prefill=True, slot_ids=list(range(len(prompts))),
+                                 context_lens=[0] * len(prompts),
+                                 query_lens=[len(p) for p in prompts])
+        hidden = runner.forward(torch.tensor([t for p in prompts for t in p]), batch)
+        runner.logits(hidden, batch)
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            hf(torch.tensor(prompts), use_cache=True, logits_to_keep=1)
+
+    return num_tokens / timed(ours, 3), num_tokens / timed(theirs, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "bench" / "out" / "llama-100m")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    path = make_checkpoint(args.checkpoint)
+    num_params = sum(
+        t.numel() for t in load_ours(path).model.parameters()
+    )
+    rng = random.Random(0)
+    new = 32 if args.quick else 128
+    rows: list[tuple[str, float, float, str]] = []
+
+    (path / "model.safetensors").read_bytes()  # both loads start from a warm page cache
+    ours_load = timed(lambda: load_ours(path), 3)
+    hf_load = timed(lambda: load_hf(path), 3)
+    rows.append(("load to ready, in-process (s)", ours_load, hf_load, "lower"))
+    rows.append(("load to ready, fresh process (s)",
+                 min(process_load(OURS_LOAD, path) for _ in range(2)),
+                 min(process_load(HF_LOAD, path) for _ in range(2)), "lower"))
+
+    runner, hf = load_ours(path), load_hf(path)
+    prefill_prompts = [[rng.randrange(VOCAB) for _ in range(128)] for _ in range(8)]
+    ours_rate, hf_rate = prefill_rates(runner, hf, prefill_prompts)
+    rows.append(("prefill, 8 x 128 tokens (tok/s)", ours_rate, hf_rate, "higher"))
+    del runner
+
+    for batch in (1, 16):
+        prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(32, 256))]
+                   for _ in range(batch)]
+        # decode rate = new tokens / (time to generate `new` tokens - time to generate 1)
+        ours_t = ours_generate(path, prompts, [new] * batch) - \
+            ours_generate(path, prompts, [1] * batch)
+        hf_t = hf_generate(hf, prompts, new, batch) - hf_generate(hf, prompts, 1, batch)
+        tokens = batch * (new - 1)
+        rows.append((f"decode, batch {batch} (tok/s)", tokens / ours_t, tokens / hf_t, "higher"))
+
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(32, 256))] for _ in range(32)]
+    lengths = [rng.randint(new // 8, new) for _ in range(32)]
+    ours_t = ours_generate(path, prompts, lengths)
+    # HF static batches must run every sequence to the batch's longest output.
+    hf_t = hf_generate(hf, prompts, new, 16)
+    rows.append(("32 requests, mixed lengths, <=16 at once (useful tok/s)",
+                 sum(lengths) / ours_t, sum(lengths) / hf_t, "higher"))
+
+    print(f"\nengine benchmark: Llama {num_params / 1e6:.0f}M params, fp32, "
+          f"{args.threads} threads, torch {torch.__version__}, {new} new tokens")
+    print(f"{'measure':58} {'ours':>10} {'HF':>10} {'ours/HF':>8}")
+    results = []
+    for name, ours, theirs, better in rows:
+        ratio = ours / theirs
+        print(f"{name:58} {ours:10.3f} {theirs:10.3f} {ratio:8.2f}  ({better} is better)")
+        results.append({"measure": name, "ours": ours, "hf": theirs, "ratio": ratio})
+    out = ROOT / "bench" / "out" / "engine.json"
+    out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
