@@ -30,6 +30,9 @@ def hf_logits(model: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
 
 def make_engine(folder: Path, *, boundaries: list[int] | None = None, **config: object
                 ) -> LLMEngine:
+    """An engine without tokenizer. Weights are packed before ready (the serving kernels,
+    without a mid-test switch from the background packer)."""
+    config.setdefault("weight_packing", "sync")
     engine = LLMEngine.from_model_dir(folder, stage_boundaries=boundaries, with_tokenizer=False,
                                       **config)
     engine.load()
@@ -37,6 +40,7 @@ def make_engine(folder: Path, *, boundaries: list[int] | None = None, **config: 
 
 
 def make_runner(folder: Path, **config: object) -> ModelRunner:
+    config.setdefault("weight_packing", "sync")
     runner = ModelRunner(EngineConfig(model_path=folder, **config))  # type: ignore[arg-type]
     runner.load()
     return runner

@@ -223,3 +223,36 @@ def test_never_written_cache_memory_cannot_leak_into_outputs(saved: SavedModel) 
     tokens = run_to_end(engine)
     for i, prompt in enumerate(PROMPTS):
         assert tokens[f"r{i}"] == hf_greedy(hf, prompt, 24)
+
+
+def test_packed_cpu_weights_give_the_same_tokens_as_plain_ones(saved: SavedModel) -> None:
+    from services.worker.engine.models.base import Linear
+
+    folder, hf = saved
+    plain = make_engine(folder, weight_packing="off")
+    packed = make_engine(folder, weight_packing="sync")
+    linears = [m for m in packed.runners[0].model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None for m in linears)
+    assert all(m.packed is None for m in plain.runners[0].model.modules()
+               if isinstance(m, Linear))
+    for engine in (plain, packed):
+        assert generate(engine, [PROMPTS[1]], GREEDY)[0].token_ids == hf_greedy(hf, PROMPTS[1],
+                                                                                 24)
+
+
+def test_background_packing_swaps_weights_while_requests_run(saved: SavedModel) -> None:
+    from services.worker.engine.cpu_packing import BackgroundPacker
+    from services.worker.engine.models.base import Linear
+
+    folder, hf = saved
+    engine = make_engine(folder, weight_packing="off")
+    engine.add_request("r", PROMPTS[0], GREEDY)
+    engine.step()
+    packer = BackgroundPacker(engine.runners[0].model)
+    tokens = run_to_end(engine)["r"]
+    assert packer.wait(30)
+    linears = [m for m in engine.runners[0].model.modules() if isinstance(m, Linear)]
+    assert packer.num_packed == len(linears)
+    assert all(m.packed is not None for m in linears)
+    assert len(tokens) == 23  # the first token came from the step before the packer started
+    assert generate(engine, [PROMPTS[0]], GREEDY)[0].token_ids == hf_greedy(hf, PROMPTS[0], 24)

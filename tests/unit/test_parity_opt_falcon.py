@@ -132,6 +132,7 @@ def prompts() -> list[torch.Tensor]:
 
 def load_runner(path: Path, **engine: Any) -> ModelRunner:
     runner = ModelRunner(EngineConfig(model_path=path, dtype="float32", max_num_seqs=4,
+                                      weight_packing="sync",
                                       max_model_len=128, **engine))
     runner.load()
     assert runner.kv_cache is not None

@@ -160,6 +160,9 @@ class EngineConfig:
     # most prompt tokens prefilled in one step (several prompts are packed up to this)
     max_prefill_tokens: int = 4096
     seed: int = 0
+    # CPU fp32 only: pre-block linear weights for oneDNN — "background" (after ready),
+    # "sync" (before ready) or "off"
+    weight_packing: str = "background"
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
@@ -171,6 +174,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.weight_packing not in ("background", "sync", "off"):
+            raise ValueError(f"weight_packing {self.weight_packing!r} is not one of "
+                             "background, sync, off")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
 

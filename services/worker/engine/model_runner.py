@@ -8,6 +8,7 @@ import torch
 
 from services.worker.engine.attention import ForwardBatch
 from services.worker.engine.config import EngineConfig, ModelConfig, StageSpec
+from services.worker.engine.cpu_packing import BackgroundPacker, can_pack, pack_linears
 from services.worker.engine.kv_cache import KVCache, plan_kv_cache
 from services.worker.engine.loader import LoadStats, checkpoint_tensors, load_weights
 from services.worker.engine.models import build_stage_model
@@ -15,6 +16,8 @@ from services.worker.engine.models import build_stage_model
 # Default longest sequence when the model allows more (the CPU cache is lazily committed, a
 # GPU's is not; set EngineConfig.max_model_len to go further).
 DEFAULT_MAX_MODEL_LEN = 4096
+# Stages with fewer weight bytes are packed before ready instead of in the background.
+BACKGROUND_PACKING_MIN_BYTES = 32 * 2**20
 
 
 class ModelRunner:
@@ -26,6 +29,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model = build_stage_model(self.model_config, self.stage)
         self.kv_cache: KVCache | None = None
+        self.packer: BackgroundPacker | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -46,7 +50,18 @@ class ModelRunner:
         stats = load_weights(self.model, sources, dtype=self.dtype, device=self.device)
         self.model.init_buffers(self.device)
         self.allocate_kv_cache()
+        mode = self.config.weight_packing
+        if can_pack(self.device, self.dtype) and mode != "off":
+            # Packing takes ~1 ms per MB; below the threshold it is not worth a thread.
+            if mode == "sync" or stats.num_bytes < BACKGROUND_PACKING_MIN_BYTES:
+                pack_linears(self.model)
+            else:
+                self.packer = BackgroundPacker(self.model)
         return stats
+
+    def wait_for_packing(self, timeout: float | None = None) -> bool:
+        """Block until background weight packing is done (True if none is running)."""
+        return self.packer.wait(timeout) if self.packer is not None else True
 
     def allocate_kv_cache(self) -> KVCache:
         shape = self.model.kv_cache_shape(self.dtype)

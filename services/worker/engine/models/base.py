@@ -82,6 +82,18 @@ class StageModel(nn.Module):
         return [name for name, p in self.named_parameters() if p.is_meta]
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose weight may also be held pre-blocked for the CPU GEMM kernel
+    (see engine/cpu_packing.py); the HF parameter name stays `weight`."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 def hf_get(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:
     """The first of `keys` present in an HF config (names changed across versions)."""
     for key in keys:

@@ -19,7 +19,7 @@ from services.worker.engine.attention import ForwardBatch, cached_attention
 from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import ModelFormatError, UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
-from services.worker.engine.models.base import Rotary, StageInput, StageModel, hf_get
+from services.worker.engine.models.base import Linear, Rotary, StageInput, StageModel, hf_get
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as HF's "gelu"
@@ -91,12 +91,15 @@ class FalconArgs:
         )
 
 
-class FalconLinear(nn.Linear):
+class FalconLinear(Linear):
     """Matmul, then bias as a separate op: Falcon was trained (in bfloat16) without the fused
     add, and HF keeps the extra rounding step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x @ self.weight.T
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        else:
+            out = x @ self.weight.T
         return out if self.bias is None else out + self.bias
 
 
@@ -189,7 +192,7 @@ class FalconForCausalLM(StageModel):
         self.rotary = Rotary(config.hf_config, head_dim=self.args.head_dim,
                              max_positions=self.args.max_positions)
         self.transformer = FalconModel(self.args, stage, self.rotary)
-        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
+        self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
             if stage.is_last else None
 
     def kv_cache_shape(self, dtype: torch.dtype) -> KVCacheShape:

@@ -13,7 +13,14 @@ from services.worker.engine.attention import ForwardBatch, cached_attention
 from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
-from services.worker.engine.models.base import RMSNorm, Rotary, StageInput, StageModel, hf_get
+from services.worker.engine.models.base import (
+    Linear,
+    RMSNorm,
+    Rotary,
+    StageInput,
+    StageModel,
+    hf_get,
+)
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,10 @@ class LlamaAttention(nn.Module):
         self.args = args
         self.rotary = rotary
         h, d = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(h, args.num_heads * d, bias=args.attention_bias)
-        self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
-        self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
-        self.o_proj = nn.Linear(args.num_heads * d, h, bias=args.attention_bias)
+        self.q_proj = Linear(h, args.num_heads * d, bias=args.attention_bias)
+        self.k_proj = Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
+        self.v_proj = Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
+        self.o_proj = Linear(args.num_heads * d, h, bias=args.attention_bias)
         self.scale = d**-0.5
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
@@ -79,9 +86,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         h, i = args.hidden_size, args.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(i, h, bias=args.mlp_bias)
+        self.gate_proj = Linear(h, i, bias=args.mlp_bias)
+        self.up_proj = Linear(h, i, bias=args.mlp_bias)
+        self.down_proj = Linear(i, h, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -123,7 +130,7 @@ class LlamaForCausalLM(StageModel):
         self.rotary = Rotary(config.hf_config, head_dim=self.args.head_dim,
                              max_positions=self.args.max_positions)
         self.model = LlamaModel(self.args, stage, self.rotary)
-        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
+        self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
             if stage.is_last else None
 
     def kv_cache_shape(self, dtype: torch.dtype) -> KVCacheShape:

@@ -18,7 +18,7 @@ from services.worker.engine.attention import ForwardBatch, cached_attention
 from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import ModelFormatError, UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
-from services.worker.engine.models.base import StageInput, StageModel, hf_get
+from services.worker.engine.models.base import Linear, StageInput, StageModel, hf_get
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -90,10 +90,10 @@ class OPTAttention(nn.Module):
         super().__init__()
         self.args = args
         h = args.hidden_size
-        self.q_proj = nn.Linear(h, h, bias=args.has_bias)
-        self.k_proj = nn.Linear(h, h, bias=args.has_bias)
-        self.v_proj = nn.Linear(h, h, bias=args.has_bias)
-        self.out_proj = nn.Linear(h, h, bias=args.has_bias)
+        self.q_proj = Linear(h, h, bias=args.has_bias)
+        self.k_proj = Linear(h, h, bias=args.has_bias)
+        self.v_proj = Linear(h, h, bias=args.has_bias)
+        self.out_proj = Linear(h, h, bias=args.has_bias)
         self.scale = args.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
@@ -115,8 +115,8 @@ class OPTDecoderLayer(nn.Module):
         self.activation = ACTIVATIONS[args.activation]
         self.self_attn = OPTAttention(args)
         self.self_attn_layer_norm = _layer_norm(args)
-        self.fc1 = nn.Linear(args.hidden_size, args.ffn_dim, bias=args.has_bias)
-        self.fc2 = nn.Linear(args.ffn_dim, args.hidden_size, bias=args.has_bias)
+        self.fc1 = Linear(args.hidden_size, args.ffn_dim, bias=args.has_bias)
+        self.fc2 = Linear(args.ffn_dim, args.hidden_size, bias=args.has_bias)
         self.final_layer_norm = _layer_norm(args)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -139,12 +139,12 @@ class OPTDecoder(nn.Module):
             else None
         self.embed_positions = nn.Embedding(args.max_positions + POSITION_OFFSET,
                                             args.hidden_size) if first else None
-        self.project_in = nn.Linear(args.word_embed_proj_dim, args.hidden_size, bias=False) \
+        self.project_in = Linear(args.word_embed_proj_dim, args.hidden_size, bias=False) \
             if first and args.has_projection else None
         # A ModuleDict keyed by the global layer index keeps the HF name decoder.layers.{i}.
         self.layers = nn.ModuleDict({str(i): OPTDecoderLayer(args) for i in stage.layers})
         self.final_layer_norm = _layer_norm(args) if last and args.has_final_norm else None
-        self.project_out = nn.Linear(args.hidden_size, args.word_embed_proj_dim, bias=False) \
+        self.project_out = Linear(args.hidden_size, args.word_embed_proj_dim, bias=False) \
             if last and args.has_projection else None
 
 
@@ -161,7 +161,7 @@ class OPTForCausalLM(StageModel):
         super().__init__(config, stage)
         self.args = OPTArgs.from_hf(config.hf_config)
         self.model = OPTModel(self.args, stage)
-        self.lm_head = nn.Linear(self.args.word_embed_proj_dim, self.args.vocab_size,
+        self.lm_head = Linear(self.args.word_embed_proj_dim, self.args.vocab_size,
                                  bias=False) if stage.is_last else None
 
     def kv_cache_shape(self, dtype: torch.dtype) -> KVCacheShape:
