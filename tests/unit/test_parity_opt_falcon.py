@@ -347,3 +347,36 @@ def test_falcon_with_alibi_is_rejected_naming_alibi(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedModelError, match="alibi"):
         ModelRunner(EngineConfig(model_path=tmp_path))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_handed_over_from_a_two_stage_pipeline_continues_with_the_same_tokens(
+    name: str, checkpoints: Callable[[str], Checkpoint], prompts: list[torch.Tensor]
+) -> None:
+    from services.worker.engine.engine import LLMEngine
+    from services.worker.engine.sequence import SamplingParams
+
+    checkpoint = checkpoints(name)
+    prompt = prompts[1].tolist()
+    params = SamplingParams(temperature=0.7, top_k=40, seed=5, max_tokens=NUM_DECODE_STEPS,
+                            ignore_eos=True)
+
+    def engine(boundaries: list[int]) -> LLMEngine:
+        made = LLMEngine.from_model_dir(checkpoint.path, stage_boundaries=boundaries,
+                                        with_tokenizer=False, weight_packing="sync")
+        made.load()
+        return made
+
+    def drain(made: LLMEngine) -> list[int]:
+        return [t for _ in iter(made.has_unfinished, False) for o in made.step()
+                for t in o.new_token_ids]
+
+    whole = engine([0, checkpoint.num_layers])
+    whole.add_request("r", prompt, params)
+    expected = drain(whole)
+    pipeline = engine([0, 1, checkpoint.num_layers])
+    pipeline.add_request("r", prompt, params)
+    produced = [t for _ in range(10) for o in pipeline.step() for t in o.new_token_ids]
+    consolidated = engine([0, checkpoint.num_layers])
+    consolidated.import_sequence(pipeline.export_sequence("r", remove=True))
+    assert produced + drain(consolidated) == expected
