@@ -26,6 +26,13 @@ StageInput = torch.Tensor
 
 class StageModel(nn.Module):
     family: ClassVar[str]
+    # checkpoint name of the token embedding (tied checkpoints reuse it as the LM head)
+    embedding_weight: ClassVar[str]
+    # the last stage's LM head; families with rotary embeddings set `rotary`
+    lm_head: nn.Module | None
+    rotary: Rotary | None = None
+    # the family's parsed config (every family's has tie_word_embeddings)
+    args: Any
 
     def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
         super().__init__()
@@ -40,20 +47,30 @@ class StageModel(nn.Module):
         """First stage: token ids [T]; others: hidden [T, hidden]. Returns hidden [T, hidden]."""
         raise NotImplementedError
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Last stage only: hidden [N, hidden] -> logits [N, vocab] in float32."""
-        raise NotImplementedError
-
-    def weight_targets(self) -> dict[str, list[str]]:
-        """Checkpoint tensor name -> the parameters it fills (tied embeddings fill two)."""
-        raise NotImplementedError
-
     def checkpoint_name(self, name: str) -> str:
         """The canonical name of a checkpoint tensor (families fix naming quirks here)."""
         return name
 
+    # --- shared by the families -------------------------------------------------------------
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage only: hidden [N, hidden] -> logits [N, vocab] in float32."""
+        assert self.lm_head is not None, "only the last stage computes logits"
+        return self.lm_head(hidden).float()
+
+    def weight_targets(self) -> dict[str, list[str]]:
+        """Checkpoint tensor name -> the parameters it fills (tied embeddings fill two)."""
+        targets = {name: [name] for name, _ in self.named_parameters()}
+        if self.lm_head is not None and self.args.tie_word_embeddings:
+            # Tied checkpoints store only the embedding; the last stage uses it as its LM head.
+            del targets["lm_head.weight"]
+            targets.setdefault(self.embedding_weight, []).append("lm_head.weight")
+        return targets
+
     def init_buffers(self, device: torch.device) -> None:
         """Create the non-checkpoint buffers (rotary tables) on the real device."""
+        if self.rotary is not None:
+            dtype = next(p.dtype for p in self.parameters() if not p.is_meta)
+            self.rotary.build(device, dtype)
 
     # --- shared machinery -------------------------------------------------------------------
     def bind_kv_cache(self, cache: KVCache) -> None:

@@ -185,6 +185,7 @@ class FalconModel(nn.Module):
 
 class FalconForCausalLM(StageModel):
     family = "falcon"
+    embedding_weight = "transformer.word_embeddings.weight"
 
     def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
         super().__init__(config, stage)
@@ -202,10 +203,6 @@ class FalconForCausalLM(StageModel):
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.transformer.h.values())
 
-    def init_buffers(self, device: torch.device) -> None:
-        dtype = next(p.dtype for p in self.parameters() if not p.is_meta)
-        self.rotary.build(device, dtype)
-
     def forward(self, inputs: StageInput, batch: ForwardBatch) -> torch.Tensor:
         embeddings = self.transformer.word_embeddings
         x = embeddings(inputs) if embeddings is not None else inputs
@@ -214,17 +211,3 @@ class FalconForCausalLM(StageModel):
         if self.transformer.ln_f is not None:
             x = self.transformer.ln_f(x)
         return x  # [num_tokens, hidden]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "only the last stage computes logits"
-        return self.lm_head(hidden).float()
-
-    def weight_targets(self) -> dict[str, list[str]]:
-        targets: dict[str, list[str]] = {}
-        for name, _ in self.named_parameters():
-            targets.setdefault(name, []).append(name)
-        if self.lm_head is not None and self.args.tie_word_embeddings:
-            # Tied checkpoints store only the embedding; the last stage uses it as its LM head.
-            del targets["lm_head.weight"]
-            targets.setdefault("transformer.word_embeddings.weight", []).append("lm_head.weight")
-        return targets

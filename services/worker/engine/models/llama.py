@@ -123,6 +123,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(StageModel):
     family = "llama"
+    embedding_weight = "model.embed_tokens.weight"
 
     def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
         super().__init__(config, stage)
@@ -140,10 +141,6 @@ class LlamaForCausalLM(StageModel):
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.layers.values())
 
-    def init_buffers(self, device: torch.device) -> None:
-        dtype = next(p.dtype for p in self.parameters() if not p.is_meta)
-        self.rotary.build(device, dtype)
-
     def forward(self, inputs: StageInput, batch: ForwardBatch) -> torch.Tensor:
         x = self.model.embed_tokens(inputs) if self.model.embed_tokens is not None else inputs
         for layer in self.model.layers.values():
@@ -151,17 +148,3 @@ class LlamaForCausalLM(StageModel):
         if self.model.norm is not None:
             x = self.model.norm(x)
         return x  # [num_tokens, hidden]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "only the last stage computes logits"
-        return self.lm_head(hidden).float()
-
-    def weight_targets(self) -> dict[str, list[str]]:
-        targets: dict[str, list[str]] = {}
-        for name, _ in self.named_parameters():
-            targets.setdefault(name, []).append(name)
-        if self.lm_head is not None and self.args.tie_word_embeddings:
-            # Tied checkpoints store only the embedding; the last stage uses it as its LM head.
-            del targets["lm_head.weight"]
-            targets.setdefault("model.embed_tokens.weight", []).append("lm_head.weight")
-        return targets

@@ -156,6 +156,7 @@ class OPTModel(nn.Module):
 
 class OPTForCausalLM(StageModel):
     family = "opt"
+    embedding_weight = "model.decoder.embed_tokens.weight"
 
     def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
         super().__init__(config, stage)
@@ -189,19 +190,6 @@ class OPTForCausalLM(StageModel):
             x = decoder.project_out(x)  # [num_tokens, word_embed_proj_dim]
         return x  # [num_tokens, hidden]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "only the last stage computes logits"
-        return self.lm_head(hidden).float()
-
-    def weight_targets(self) -> dict[str, list[str]]:
-        targets: dict[str, list[str]] = {}
-        for name, _ in self.named_parameters():
-            targets.setdefault(name, []).append(name)
-        if self.lm_head is not None and self.args.tie_word_embeddings:
-            # Tied checkpoints store only the embedding; the last stage uses it as its LM head.
-            del targets["lm_head.weight"]
-            targets.setdefault("model.decoder.embed_tokens.weight", []).append("lm_head.weight")
-        return targets
 
     def checkpoint_name(self, name: str) -> str:
         # The facebook/opt-* checkpoints on the hub name their tensors without the "model." prefix.
