@@ -33,11 +33,12 @@ class ModelRunner:
 
     @property
     def max_model_len(self) -> int:
+        model_max = self.model_config.max_position_embeddings
         if self.config.max_model_len is not None:
-            length = self.config.max_model_len
+            # learned position tables (OPT) end there; rotary models were trained to there
+            length = min(self.config.max_model_len, model_max or self.config.max_model_len)
         else:
-            length = min(self.model_config.max_position_embeddings or DEFAULT_MAX_MODEL_LEN,
-                         DEFAULT_MAX_MODEL_LEN)
+            length = min(model_max or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
         # Mistral-style sliding-window attention is not implemented: within the window it is
         # plain causal attention, so sequences are capped there rather than computed wrongly.
         window = self.model_config.hf_config.get("sliding_window")
@@ -48,7 +49,7 @@ class ModelRunner:
         if sources is None:
             sources = checkpoint_tensors(self.config.model_path)
         stats = load_weights(self.model, sources, dtype=self.dtype, device=self.device)
-        self.model.init_buffers(self.device)
+        self.model.init_buffers(self.device, self.max_model_len)
         self.allocate_kv_cache()
         mode = self.config.weight_packing
         if can_pack(self.device, self.dtype) and mode != "off":

@@ -66,11 +66,11 @@ class StageModel(nn.Module):
             targets.setdefault(self.embedding_weight, []).append("lm_head.weight")
         return targets
 
-    def init_buffers(self, device: torch.device) -> None:
+    def init_buffers(self, device: torch.device, max_positions: int) -> None:
         """Create the non-checkpoint buffers (rotary tables) on the real device."""
         if self.rotary is not None:
             dtype = next(p.dtype for p in self.parameters() if not p.is_meta)
-            self.rotary.build(device, dtype)
+            self.rotary.build(device, dtype, max_positions)
 
     # --- shared machinery -------------------------------------------------------------------
     def bind_kv_cache(self, cache: KVCache) -> None:
@@ -138,7 +138,7 @@ class RMSNorm(nn.Module):
 class Rotary:
     """Rotary position embedding tables (rotate-half layout, as HF checkpoints use)."""
 
-    def __init__(self, hf: dict[str, Any], *, head_dim: int, max_positions: int) -> None:
+    def __init__(self, hf: dict[str, Any], *, head_dim: int) -> None:
         rope = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or rope
         self.theta = float(hf_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0)))
@@ -147,7 +147,6 @@ class Rotary:
             raise UnsupportedModelError(f"rope scaling type {self.rope_type!r} is not supported")
         self.scaling = scaling
         self.head_dim = head_dim
-        self.max_positions = max_positions
         self.cos = torch.empty(0)
         self.sin = torch.empty(0)
 
@@ -160,8 +159,10 @@ class Rotary:
             return _llama3_inv_freq(inv_freq, self.scaling)
         return inv_freq
 
-    def build(self, device: torch.device, dtype: torch.dtype) -> None:
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
+    def build(self, device: torch.device, dtype: torch.dtype, max_positions: int) -> None:
+        """Tables for positions [0, max_positions) — the engine's sequence length, not the
+        model's maximum (a Llama-3 table for 131072 positions would be 64 MB per table)."""
+        positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * self.inv_freq()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.cos = emb.cos().to(device=device, dtype=dtype)

@@ -43,7 +43,6 @@ class FalconArgs:
     has_two_norms: bool
     activation: str
     tie_word_embeddings: bool
-    max_positions: int
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> FalconArgs:
@@ -87,7 +86,6 @@ class FalconArgs:
             has_two_norms=is_new and num_norms == 2,
             activation=activation,
             tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=True)),
-            max_positions=int(hf_get(hf, "max_position_embeddings", default=4096)),
         )
 
 
@@ -190,8 +188,7 @@ class FalconForCausalLM(StageModel):
     def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
         super().__init__(config, stage)
         self.args = FalconArgs.from_hf(config.hf_config)
-        self.rotary = Rotary(config.hf_config, head_dim=self.args.head_dim,
-                             max_positions=self.args.max_positions)
+        self.rotary = Rotary(config.hf_config, head_dim=self.args.head_dim)
         self.transformer = FalconModel(self.args, stage, self.rotary)
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
             if stage.is_last else None

@@ -35,7 +35,6 @@ class LlamaArgs:
     attention_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
-    max_positions: int
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaArgs:
@@ -54,7 +53,6 @@ class LlamaArgs:
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_positions=int(hf_get(hf, "max_position_embeddings", default=4096)),
         )
 
 
@@ -128,8 +126,7 @@ class LlamaForCausalLM(StageModel):
     def __init__(self, config: ModelConfig, stage: StageSpec) -> None:
         super().__init__(config, stage)
         self.args = LlamaArgs.from_hf(config.hf_config)
-        self.rotary = Rotary(config.hf_config, head_dim=self.args.head_dim,
-                             max_positions=self.args.max_positions)
+        self.rotary = Rotary(config.hf_config, head_dim=self.args.head_dim)
         self.model = LlamaModel(self.args, stage, self.rotary)
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
             if stage.is_last else None
