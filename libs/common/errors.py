@@ -52,3 +52,37 @@ class NotFoundError(HydraError):
 class ServiceUnavailableError(HydraError):
     code = "service_unavailable"
     http_status = 503
+
+
+class ConflictError(HydraError):
+    """The request clashes with existing state (a model name already taken)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class RangeNotSatisfiableError(HydraError):
+    """A byte range that starts past the end of the file or partition asked for."""
+
+    code = "range_not_satisfiable"
+    http_status = 416
+
+
+class FetchFailedError(HydraError):
+    """A node agent could not pull a partition or file from storage."""
+
+    code = "fetch_failed"
+    http_status = 502
+
+
+class AuthenticationError(HydraError):
+    """A request without an API key, or with one that is not valid."""
+
+    code = "invalid_api_key"
+    http_status = 401
+
+
+class ModelNotFoundError(NotFoundError):
+    """A request names a model that is not served."""
+
+    code = "model_not_found"
