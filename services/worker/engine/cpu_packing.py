@@ -15,9 +15,8 @@ import logging
 import threading
 
 import torch
-from torch import nn
 
-from services.worker.engine.models.base import Linear
+from services.worker.engine.models.base import FusedLinear, Linear, StageModel
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +30,37 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack_linears(model: nn.Module, stop: threading.Event | None = None) -> int:
-    """Pack every `Linear` of the model; return how many were packed."""
+def pack_linears(model: StageModel, stop: threading.Event | None = None) -> int:
+    """Pack the model's linears (fusing its fusion groups); return how many were packed."""
     linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None]
     if not linears or not _kernel_agrees(linears[0]):
         return 0
+    num_packed = 0
+    fused: set[int] = set()
+    for owner, attribute, group in model.fusion_groups():
+        if stop is not None and stop.is_set():
+            return num_packed
+        setattr(owner, attribute, _fuse(group))
+        fused.update(id(linear) for linear in group)
+        num_packed += len(group)
     for linear in linears:
         if stop is not None and stop.is_set():
             break
-        linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
-                                                               BATCH_HINT)
-    return sum(1 for m in linears if m.packed is not None)
+        if id(linear) not in fused:
+            linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
+                                                                   BATCH_HINT)
+            num_packed += 1
+    return num_packed
+
+
+def _fuse(group: list[Linear]) -> FusedLinear:
+    weight = torch.cat([linear.weight.detach() for linear in group])
+    biases = [linear.bias for linear in group]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) \
+        else None
+    assert bias is not None or all(b is None for b in biases), "a group mixes bias and no bias"
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+    return FusedLinear(packed, bias, [linear.out_features for linear in group])
 
 
 def _kernel_agrees(linear: Linear) -> bool:
@@ -61,7 +80,7 @@ def _kernel_agrees(linear: Linear) -> bool:
 class BackgroundPacker:
     """Packs a model's linears in a daemon thread."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: StageModel) -> None:
         self._stop = threading.Event()
         self.num_packed = 0
         self._thread = threading.Thread(target=self._run, args=(model,), daemon=True,
@@ -70,7 +89,7 @@ class BackgroundPacker:
         # A daemon thread killed inside a oneDNN call aborts the interpreter at exit.
         atexit.register(self.stop)
 
-    def _run(self, model: nn.Module) -> None:
+    def _run(self, model: StageModel) -> None:
         try:
             self.num_packed = pack_linears(model, self._stop)
         except RuntimeError:

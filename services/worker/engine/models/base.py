@@ -51,6 +51,10 @@ class StageModel(nn.Module):
         """The canonical name of a checkpoint tensor (families fix naming quirks here)."""
         return name
 
+    def fusion_groups(self) -> list[FusionGroup]:
+        """Linears sharing an input that CPU packing may fuse into one GEMM."""
+        return []
+
     # --- shared by the families -------------------------------------------------------------
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last stage only: hidden [N, hidden] -> logits [N, vocab] in float32."""
@@ -109,6 +113,25 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear:
+    """Linears over the same input run as one packed GEMM (set by engine/cpu_packing.py):
+    at decode's few rows one wide GEMM streams the weights better than several narrow ones."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None,
+                 split_sizes: list[int]) -> None:
+        self.packed = packed
+        self.bias = bias
+        self.split_sizes = split_sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return out.split(self.split_sizes, dim=-1)
+
+
+# (module that owns the fused attribute, attribute name, the linears it replaces)
+FusionGroup = tuple[nn.Module, str, list[Linear]]
 
 
 def hf_get(hf: dict[str, Any], *keys: str, default: Any = None) -> Any:

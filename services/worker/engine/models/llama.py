@@ -14,6 +14,8 @@ from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
 from services.worker.engine.models.base import (
+    FusedLinear,
+    FusionGroup,
     Linear,
     RMSNorm,
     Rotary,
@@ -67,13 +69,18 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(h, args.num_kv_heads * d, bias=args.attention_bias)
         self.o_proj = Linear(args.num_heads * d, h, bias=args.attention_bias)
         self.scale = d**-0.5
+        self.qkv: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
         num_tokens, d = x.shape[0], self.args.head_dim
-        q = self.q_proj(x).view(num_tokens, self.args.num_heads, d)
-        k = self.k_proj(x).view(num_tokens, self.args.num_kv_heads, d)
-        v = self.v_proj(x).view(num_tokens, self.args.num_kv_heads, d)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(num_tokens, self.args.num_heads, d)
+        k = k.view(num_tokens, self.args.num_kv_heads, d)
+        v = v.view(num_tokens, self.args.num_kv_heads, d)
         q, k = self.rotary.apply(q, k, batch.positions)
         out = cached_attention(q, k, v, k_cache=k_cache, v_cache=v_cache, batch=batch,
                                scale=self.scale)
@@ -87,9 +94,14 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=args.mlp_bias)
         self.up_proj = Linear(h, i, bias=args.mlp_bias)
         self.down_proj = Linear(i, h, bias=args.mlp_bias)
+        self.gate_up: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -130,6 +142,14 @@ class LlamaForCausalLM(StageModel):
         self.model = LlamaModel(self.args, stage, self.rotary)
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size, bias=False) \
             if stage.is_last else None
+
+    def fusion_groups(self) -> list[FusionGroup]:
+        groups: list[FusionGroup] = []
+        for layer in self.model.layers.values():
+            attn, mlp = layer.self_attn, layer.mlp
+            groups.append((attn, "qkv", [attn.q_proj, attn.k_proj, attn.v_proj]))
+            groups.append((mlp, "gate_up", [mlp.gate_proj, mlp.up_proj]))
+        return groups
 
     def kv_cache_shape(self, dtype: torch.dtype) -> KVCacheShape:
         return KVCacheShape(len(self.model.layers), self.args.num_kv_heads, self.args.head_dim,
