@@ -1,0 +1,163 @@
+"""The payloads that cross process boundaries, defined once.
+
+Every message is a Pydantic model serialized with `model_dump_json()` and read with
+`model_validate_json()`. Unknown fields are ignored on read, so a newer sender can add a field
+without breaking an older reader during a rolling upgrade.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from libs.common.errors import HydraError
+from libs.common.subjects import EVENT_KIND
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ChatMessage(Message):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingOptions(Message):
+    """What the engine's `SamplingParams` takes; the worker validates the values again."""
+
+    # None: as many as fit in the model's context
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # 0: no top-k cut
+    top_k: int = Field(default=0, ge=0)
+    # The gateway always sets one, so a redelivered request samples the same tokens again and
+    # the chunks of the two attempts agree seq by seq.
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+
+class GenerateRequest(Message):
+    """One generation request, queued on `hs.req.<model>` by the gateway."""
+
+    request_id: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    # Exactly one of prompt, prompt_token_ids and messages is set.
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    # chat turns, rendered with the model's chat template by the worker
+    messages: list[ChatMessage] | None = None
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    # the client asked for a stream (recorded in events; the worker streams either way)
+    stream: bool = False
+    # unix time (s) the gateway accepted the request; queue wait and TTFT are measured from it
+    created: float = Field(default_factory=time.time)
+    # Unix time (s) by which the first token must exist; past it the gateway has answered 503,
+    # so a worker that pulls the request later drops it.
+    deadline: float | None = None
+    tenant_id: str | None = None
+    # the gateway's id of the API key that sent the request (never the key itself)
+    api_key_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Self:
+        given = [self.prompt is not None, self.prompt_token_ids is not None,
+                 self.messages is not None]
+        if sum(given) != 1:
+            raise ValueError("set exactly one of prompt, prompt_token_ids and messages")
+        return self
+
+
+class Usage(Message):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorInfo(Message):
+    """A failed request, as the worker reports it; the gateway maps it to an OpenAI error."""
+
+    # HydraError.code, e.g. "context_length_exceeded"
+    code: str
+    message: str
+    # the request field at fault, e.g. "max_tokens"
+    param: str | None = None
+    # the HTTP status the gateway answers with
+    http_status: int = 500
+
+    @classmethod
+    def from_error(cls, error: HydraError) -> ErrorInfo:
+        return cls(code=error.code, message=error.message, param=error.param,
+                   http_status=error.http_status)
+
+    def to_error(self) -> HydraError:
+        error = HydraError(self.message, param=self.param)
+        error.code = self.code
+        error.http_status = self.http_status
+        return error
+
+
+class TokenChunk(Message):
+    """A piece of one request's answer, published on `hs.tok.<request_id>`."""
+
+    request_id: str
+    # 0, 1, 2, ... per request. A redelivered request starts again at 0, so the gateway keeps
+    # the first chunk of each seq and drops repeats; it also restores order.
+    seq: int = Field(ge=0)
+    # the text these tokens completed ("" while a character or a stop string is pending)
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    # None until the last chunk
+    finish_reason: FinishReason | None = None
+    # the stop string or stop token id that ended the request, if any
+    stop_reason: str | int | None = None
+    # on the last chunk only
+    usage: Usage | None = None
+    # set when finish_reason is "error"
+    error: ErrorInfo | None = None
+    # the worker that produced the chunk (debugging; a change means a redelivery)
+    worker_id: str | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EventKind:
+    """The event kinds emitted so far (`<entity>.<verb>`)."""
+
+    REQUEST_RECEIVED = "request.received"
+    REQUEST_FIRST_TOKEN = "request.first_token"
+    REQUEST_DONE = "request.done"
+    # pulled after its deadline: dropped unanswered
+    REQUEST_EXPIRED = "request.expired"
+    WORKER_STARTED = "worker.started"
+    WORKER_READY = "worker.ready"
+    WORKER_STOPPING = "worker.stopping"
+    WORKER_STOPPED = "worker.stopped"
+
+
+class Event(Message):
+    """The envelope of every state change, stored in the `HS_EVENTS` stream."""
+
+    # unique; also the JetStream message id, so a re-published event is stored once
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    kind: str = Field(pattern=rf"^{EVENT_KIND.pattern}$")
+    # unix time (s) of the change
+    time: float = Field(default_factory=time.time)
+    model: str | None = None
+    endpoint_id: str | None = None
+    worker_id: str | None = None
+    node_id: str | None = None
+    request_id: str | None = None
+    # kind-specific facts, e.g. {"load_s": 1.2} for worker.ready
+    data: dict[str, Any] = Field(default_factory=dict)

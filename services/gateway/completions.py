@@ -1,0 +1,166 @@
+"""Completions and chat completions: OpenAI request in, GenerateRequest on the bus, answer out.
+
+Knows nothing of HTTP: it returns either a whole response body or the server-sent events of
+a stream. A streamed response is only started once the first chunk has arrived, so an error
+before the first token (a refused prompt, a timeout) still gets its own HTTP status; an error
+after that ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from libs.common.errors import HydraError, ServiceUnavailableError
+from libs.common.messages import ChatMessage, GenerateRequest, SamplingOptions, TokenChunk
+from services.gateway.auth import Identity
+from services.gateway.broker import AnswerStream, RequestBroker
+from services.gateway.errors import to_openai
+from services.gateway.formatting import (
+    CHAT,
+    COMPLETION,
+    DONE,
+    Answer,
+    ResponseContext,
+    ResponseFormat,
+    sse,
+)
+from services.gateway.registry import ModelRegistry
+from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+# The finish reasons a client may see; the others ("abort", "error") are failures.
+_CLIENT_FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Either a whole response body or a stream of server-sent events."""
+
+    request_id: str
+    body: dict[str, Any] | None = None
+    events: AsyncIterator[str] | None = None
+
+
+class CompletionService:
+    def __init__(self, broker: RequestBroker, registry: ModelRegistry) -> None:
+        self._broker = broker
+        self._registry = registry
+
+    async def complete(self, body: CompletionRequest, identity: Identity, *,
+                       request_id: str) -> Reply:
+        """POST /v1/completions; `request_id` from `COMPLETION.new_id()`."""
+        prompt = body.prompt
+        request = self._request(body, request_id, identity, max_tokens=body.max_tokens,
+                                prompt=prompt if isinstance(prompt, str) else None,
+                                prompt_token_ids=prompt if isinstance(prompt, list) else None)
+        return await self._run(request, COMPLETION, body.include_usage)
+
+    async def chat(self, body: ChatCompletionRequest, identity: Identity, *,
+                   request_id: str) -> Reply:
+        """POST /v1/chat/completions; `request_id` from `CHAT.new_id()`."""
+        messages = [ChatMessage(role=message.engine_role, content=message.text)
+                    for message in body.messages]
+        request = self._request(body, request_id, identity, max_tokens=body.max_output_tokens,
+                                messages=messages)
+        return await self._run(request, CHAT, body.include_usage)
+
+    def _request(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
+                 identity: Identity, *, max_tokens: int | None, prompt: str | None = None,
+                 prompt_token_ids: list[int] | None = None,
+                 messages: list[ChatMessage] | None = None) -> GenerateRequest:
+        self._registry.get(body.model)
+        now = time.time()
+        sampling = SamplingOptions(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            # always a seed: a redelivered request then samples the very same tokens
+            seed=body.seed if body.seed is not None else secrets.randbits(63),
+            stop=body.stop_list,
+        )
+        return GenerateRequest(
+            request_id=request_id, model=body.model, prompt=prompt,
+            prompt_token_ids=prompt_token_ids, messages=messages, sampling=sampling,
+            stream=body.stream, created=now, deadline=now + self._broker.first_token_timeout_s,
+            api_key_id=identity.key_id)
+
+    async def _run(self, request: GenerateRequest, fmt: ResponseFormat,
+                   include_usage: bool) -> Reply:
+        ctx = ResponseContext(request.request_id, int(request.created), request.model,
+                              include_usage)
+        answer = await self._broker.submit(request)
+        try:
+            first = await anext(answer)
+            _raise_if_failed(first)
+            if not request.stream:
+                return Reply(request.request_id, body=fmt.full(ctx, await _collect(first,
+                                                                                    answer)))
+        except BaseException:
+            await _close(answer)
+            raise
+        return Reply(request.request_id, events=_stream(fmt, ctx, first, answer))
+
+
+async def _collect(first: TokenChunk, answer: AnswerStream) -> Answer:
+    try:
+        collected = Answer()
+        chunk = first
+        while True:
+            _raise_if_failed(chunk)
+            collected.text += chunk.text
+            collected.token_ids += chunk.token_ids
+            if chunk.is_last:
+                collected.finish_reason, collected.usage = chunk.finish_reason, chunk.usage
+                return collected
+            chunk = await anext(answer)
+    finally:
+        await _close(answer)
+
+
+async def _stream(fmt: ResponseFormat, ctx: ResponseContext, first: TokenChunk,
+                  answer: AnswerStream) -> AsyncIterator[str]:
+    try:
+        for event in fmt.first_chunks(ctx):
+            yield sse(event)
+        chunk = first
+        while True:
+            try:
+                _raise_if_failed(chunk)
+            except HydraError as exc:
+                yield sse(to_openai(exc))
+                break
+            if chunk.is_last:
+                assert chunk.finish_reason is not None
+                for event in fmt.last_chunks(ctx, chunk.text, chunk.finish_reason):
+                    yield sse(event)
+                if ctx.include_usage and chunk.usage is not None:
+                    yield sse(fmt.usage_chunk(ctx, chunk.usage))
+                break
+            if chunk.text:
+                yield sse(fmt.text_chunk(ctx, chunk.text))
+            try:
+                chunk = await anext(answer)
+            except HydraError as exc:  # a timeout once the stream has started
+                yield sse(to_openai(exc))
+                break
+        yield DONE
+    finally:
+        await _close(answer)
+
+
+def _raise_if_failed(chunk: TokenChunk) -> None:
+    if chunk.error is not None:
+        raise chunk.error.to_error()
+    if chunk.is_last and chunk.finish_reason not in _CLIENT_FINISH_REASONS:
+        raise ServiceUnavailableError(f"The request ended early ({chunk.finish_reason}); "
+                                      "please retry.")
+
+
+async def _close(answer: AnswerStream) -> None:
+    # Shielded: a client that hangs up cancels the response task, and the subscription
+    # must still be removed.
+    with anyio.CancelScope(shield=True):
+        await answer.close()

@@ -1,0 +1,74 @@
+"""The HTTP routes: authenticate, call one service method, turn its reply into a response."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from services.gateway.auth import ApiKeyAuth, Identity
+from services.gateway.completions import CompletionService, Reply
+from services.gateway.formatting import CHAT, COMPLETION
+from services.gateway.registry import ModelRegistry
+from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class GatewayServices:
+    """What the routes use, built once by the app's lifespan."""
+
+    auth: ApiKeyAuth
+    registry: ModelRegistry
+    completions: CompletionService
+
+
+def services(request: Request) -> GatewayServices:
+    gateway: GatewayServices = request.app.state.services
+    return gateway
+
+
+def authenticated(request: Request,
+                  authorization: Annotated[str | None, Header()] = None) -> Identity:
+    return services(request).auth.authenticate(authorization)
+
+
+Authenticated = Annotated[Identity, Depends(authenticated)]
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, identity: Authenticated) -> dict[str, Any]:
+    models = services(request).registry.list()
+    return {"object": "list", "data": [
+        {"id": model.name, "object": "model", "created": model.created,
+         "owned_by": model.owned_by} for model in models]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request,
+                      identity: Authenticated) -> Response:
+    request_id = request.state.request_id = COMPLETION.new_id()
+    return _respond(await services(request).completions.complete(body, identity,
+                                                                 request_id=request_id))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           identity: Authenticated) -> Response:
+    request_id = request.state.request_id = CHAT.new_id()
+    return _respond(await services(request).completions.chat(body, identity,
+                                                             request_id=request_id))
+
+
+def _respond(reply: Reply) -> Response:
+    if reply.events is not None:
+        return StreamingResponse(reply.events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return JSONResponse(reply.body)

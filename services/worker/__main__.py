@@ -1,0 +1,87 @@
+"""`python -m services.worker --model-dir DIR --model NAME [--nats URL] [--worker-id ID]
+[--capacity N]`: serve one model's requests from NATS until SIGTERM/SIGINT.
+
+Settings not given as flags come from the environment (`HYDRASERVE_WORKER__ACK_WAIT_S`, ...,
+see libs/common/settings.py). Exit codes: 0 after a clean shutdown, 1 if the engine crashed,
+2 if the worker could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from nats.errors import Error as NatsError
+
+from libs.common.errors import HydraError
+from libs.common.settings import Settings
+from services.worker.config import WorkerConfig
+from services.worker.service import WorkerService
+
+logger = logging.getLogger("services.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.worker",
+                                     description="Serve one model's requests from NATS.")
+    parser.add_argument("--model-dir", type=Path, required=True,
+                        help="the model folder (HF format)")
+    parser.add_argument("--model", required=True, help="the model name clients ask for")
+    parser.add_argument("--nats", help="NATS URL (default: HYDRASERVE_NATS__URL)")
+    parser.add_argument("--worker-id", help="default: <hostname>-<random>")
+    parser.add_argument("--capacity", type=int, help="requests run at once")
+    parser.add_argument("--ack-wait", type=float,
+                        help="seconds before a silent worker's requests are redelivered")
+    parser.add_argument("--node-id")
+    parser.add_argument("--endpoint-id")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, help="longest prompt + completion")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
+    nats_settings = settings.nats.model_copy(update={"url": args.nats} if args.nats else {})
+    overrides = {name: value for name, value in
+                 (("capacity", args.capacity), ("ack_wait_s", args.ack_wait))
+                 if value is not None}
+    worker = settings.worker.model_validate(settings.worker.model_dump() | overrides)
+    engine_options: dict[str, object] = {"device": args.device, "dtype": args.dtype}
+    if args.max_model_len is not None:
+        engine_options["max_model_len"] = args.max_model_len
+    return WorkerConfig(
+        model=args.model, model_dir=args.model_dir,
+        worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+        nats=nats_settings, bus=settings.bus, worker=worker, node_id=args.node_id,
+        endpoint_id=args.endpoint_id, engine_options=engine_options,
+    )
+
+
+async def serve(config: WorkerConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await WorkerService(config).run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        config = build_config(args, Settings())
+        return asyncio.run(serve(config))
+    except (HydraError, NatsError, OSError, ValueError) as exc:
+        logger.error("worker failed to start: %s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
