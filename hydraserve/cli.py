@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from hydraserve.control_args import add_events_parser, add_models_parser
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -21,6 +23,27 @@ def _demo_model(args: argparse.Namespace) -> int:
     from services.worker.demo_model import main as demo_main
 
     return demo_main([str(args.out_dir), "--size", args.size, "--seed", str(args.seed)])
+
+
+def _events(args: argparse.Namespace) -> int:
+    from hydraserve.events import run_events
+
+    return run_events(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from hydraserve.models_cli import run_models
+
+    return run_models(args)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from libs.common.db.migrate import upgrade
+    from libs.common.settings import Settings
+
+    upgrade(args.database_url or Settings().database.url)
+    print("database schema is up to date")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", default="tiny", choices=["tiny", "small", "100m"])
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_model)
+
+    db = commands.add_parser("db", help="database schema",
+                             description="Manage HydraServe's PostgreSQL schema.")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")
+    db_upgrade = db_commands.add_parser("upgrade", help="migrate to the latest schema")
+    db_upgrade.add_argument("--database-url", default=None,
+                            help="default: HYDRASERVE_DATABASE__URL from the settings")
+    db_upgrade.set_defaults(handler=_db_upgrade)
+
+    add_events_parser(commands).set_defaults(handler=_events)
+    add_models_parser(commands).set_defaults(handler=_models)
     return parser
 
 

@@ -8,6 +8,8 @@ takes the values it needs as arguments and never reads the environment. Examples
     HYDRASERVE_GATEWAY__ADMIN_KEY=sk-admin-...
     HYDRASERVE_GATEWAY__API_KEYS='["sk-team-a", "sk-team-b"]'
     HYDRASERVE_GATEWAY__MODELS='["meta-llama/Llama-2-7b-chat-hf"]'
+    HYDRASERVE_GATEWAY__STORAGE_URL=http://storage:8600
+    HYDRASERVE_DATABASE__URL=postgresql+asyncpg://postgres:pw@postgres:5432/hydraserve
     HYDRASERVE_WORKER__ACK_WAIT_S=30
 """
 
@@ -36,6 +38,11 @@ class BusSettings(BaseModel):
 class DatabaseSettings(BaseModel):
     url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/hydraserve"
 
+    @property
+    def is_configured(self) -> bool:
+        """True when the URL was given (HYDRASERVE_DATABASE__URL), not just the default."""
+        return "url" in self.model_fields_set
+
 
 class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
@@ -44,8 +51,10 @@ class GatewaySettings(BaseModel):
     admin_key: SecretStr | None = None
     # further accepted keys until keys live in the database
     api_keys: list[SecretStr] = Field(default_factory=list)
-    # the models served until the model registry lives in the database
+    # the models served when no database is configured (with one, the `models` table)
     models: list[str] = Field(default_factory=list)
+    # the storage service the admin API imports models into
+    storage_url: str = "http://127.0.0.1:8600"
     # queue wait + cold start + prefill: no first token by then -> 503 with Retry-After
     first_token_timeout_s: float = Field(default=60.0, gt=0)
     # silence between two chunks of an answer that has started -> the request fails

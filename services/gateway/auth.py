@@ -1,8 +1,8 @@
 """API keys: `Authorization: Bearer <key>`.
 
-For now the accepted keys are the admin key and the keys given in the settings; keys stored
-(hashed) in the database come with the control plane. A key is never logged or put on the
-bus: requests carry the key's id, a short hash.
+Accepted keys: the admin key, the keys given in the settings, and, when the gateway has a
+database, the unrevoked keys issued through the admin API (found by their SHA-256). A key is
+never logged or put on the bus: requests carry the key's id, a short hash.
 """
 
 from __future__ import annotations
@@ -12,8 +12,17 @@ import hmac
 from dataclasses import dataclass
 
 from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs.common.errors import AuthenticationError
+from libs.common.db.api_keys import find_active_api_key
+from libs.common.errors import AuthenticationError, HydraError
+
+
+class PermissionDeniedError(HydraError):
+    """A valid key that may not use this route (a tenant key on the admin API)."""
+
+    code = "permission_denied"
+    http_status = 403
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,8 @@ class Identity:
     # "admin" or the first 16 hex digits of the key's SHA-256
     key_id: str
     is_admin: bool = False
+    # the tenant of a key issued through the admin API
+    tenant_id: int | None = None
 
 
 def key_id(key: str) -> str:
@@ -30,15 +41,19 @@ def key_id(key: str) -> str:
 
 
 class ApiKeyAuth:
-    def __init__(self, *, admin_key: SecretStr | None, api_keys: list[SecretStr]) -> None:
+    def __init__(self, *, admin_key: SecretStr | None, api_keys: list[SecretStr],
+                 sessionmaker: async_sessionmaker[AsyncSession] | None = None) -> None:
         self._admin_key = admin_key.get_secret_value() if admin_key else None
         self._keys = [key.get_secret_value() for key in api_keys]
+        # the database of issued keys; None: settings only
+        self._sessionmaker = sessionmaker
 
     @property
     def has_keys(self) -> bool:
-        return self._admin_key is not None or bool(self._keys)
+        return (self._admin_key is not None or bool(self._keys)
+                or self._sessionmaker is not None)
 
-    def authenticate(self, authorization: str | None) -> Identity:
+    async def authenticate(self, authorization: str | None) -> Identity:
         """The identity behind an `Authorization` header; AuthenticationError if none."""
         scheme, _, key = (authorization or "").partition(" ")
         key = key.strip()
@@ -52,7 +67,19 @@ class ApiKeyAuth:
         matches = [_same(key, candidate) for candidate in self._keys]
         if any(matches):
             return Identity(key_id=key_id(key))
+        if self._sessionmaker is not None:
+            async with self._sessionmaker() as session:
+                row = await find_active_api_key(session, key)
+            if row is not None:
+                return Identity(key_id=key_id(key), tenant_id=row.tenant_id)
         raise AuthenticationError(f"Incorrect API key provided: {_redact(key)}.")
+
+    async def authenticate_admin(self, authorization: str | None) -> Identity:
+        """As `authenticate`, and PermissionDeniedError unless it is the admin key."""
+        identity = await self.authenticate(authorization)
+        if not identity.is_admin:
+            raise PermissionDeniedError("This route needs the admin key.")
+        return identity
 
 
 def _same(a: str, b: str) -> bool:

@@ -30,7 +30,7 @@ from services.gateway.formatting import (
     ResponseFormat,
     sse,
 )
-from services.gateway.registry import ModelRegistry
+from services.gateway.registry import Registry
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 # The finish reasons a client may see; the others ("abort", "error") are failures.
@@ -47,7 +47,7 @@ class Reply:
 
 
 class CompletionService:
-    def __init__(self, broker: RequestBroker, registry: ModelRegistry) -> None:
+    def __init__(self, broker: RequestBroker, registry: Registry) -> None:
         self._broker = broker
         self._registry = registry
 
@@ -55,9 +55,10 @@ class CompletionService:
                        request_id: str) -> Reply:
         """POST /v1/completions; `request_id` from `COMPLETION.new_id()`."""
         prompt = body.prompt
-        request = self._request(body, request_id, identity, max_tokens=body.max_tokens,
-                                prompt=prompt if isinstance(prompt, str) else None,
-                                prompt_token_ids=prompt if isinstance(prompt, list) else None)
+        request = await self._request(
+            body, request_id, identity, max_tokens=body.max_tokens,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=prompt if isinstance(prompt, list) else None)
         return await self._run(request, COMPLETION, body.include_usage)
 
     async def chat(self, body: ChatCompletionRequest, identity: Identity, *,
@@ -65,15 +66,15 @@ class CompletionService:
         """POST /v1/chat/completions; `request_id` from `CHAT.new_id()`."""
         messages = [ChatMessage(role=message.engine_role, content=message.text)
                     for message in body.messages]
-        request = self._request(body, request_id, identity, max_tokens=body.max_output_tokens,
-                                messages=messages)
+        request = await self._request(body, request_id, identity,
+                                      max_tokens=body.max_output_tokens, messages=messages)
         return await self._run(request, CHAT, body.include_usage)
 
-    def _request(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
-                 identity: Identity, *, max_tokens: int | None, prompt: str | None = None,
-                 prompt_token_ids: list[int] | None = None,
-                 messages: list[ChatMessage] | None = None) -> GenerateRequest:
-        self._registry.get(body.model)
+    async def _request(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
+                       identity: Identity, *, max_tokens: int | None,
+                       prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                       messages: list[ChatMessage] | None = None) -> GenerateRequest:
+        await self._registry.get(body.model)
         now = time.time()
         sampling = SamplingOptions(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -85,7 +86,8 @@ class CompletionService:
             request_id=request_id, model=body.model, prompt=prompt,
             prompt_token_ids=prompt_token_ids, messages=messages, sampling=sampling,
             stream=body.stream, created=now, deadline=now + self._broker.first_token_timeout_s,
-            api_key_id=identity.key_id)
+            api_key_id=identity.key_id,
+            tenant_id=str(identity.tenant_id) if identity.tenant_id is not None else None)
 
     async def _run(self, request: GenerateRequest, fmt: ResponseFormat,
                    include_usage: bool) -> Reply:

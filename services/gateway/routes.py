@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -11,8 +11,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from services.gateway.auth import ApiKeyAuth, Identity
 from services.gateway.completions import CompletionService, Reply
 from services.gateway.formatting import CHAT, COMPLETION
-from services.gateway.registry import ModelRegistry
+from services.gateway.registry import Registry
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from services.gateway.admin_service import AdminService
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,10 @@ class GatewayServices:
     """What the routes use, built once by the app's lifespan."""
 
     auth: ApiKeyAuth
-    registry: ModelRegistry
+    registry: Registry
     completions: CompletionService
+    # None without a database: the admin API then answers 503
+    admin: AdminService | None = None
 
 
 def services(request: Request) -> GatewayServices:
@@ -29,9 +34,9 @@ def services(request: Request) -> GatewayServices:
     return gateway
 
 
-def authenticated(request: Request,
-                  authorization: Annotated[str | None, Header()] = None) -> Identity:
-    return services(request).auth.authenticate(authorization)
+async def authenticated(request: Request,
+                        authorization: Annotated[str | None, Header()] = None) -> Identity:
+    return await services(request).auth.authenticate(authorization)
 
 
 Authenticated = Annotated[Identity, Depends(authenticated)]
@@ -45,7 +50,7 @@ async def health() -> dict[str, str]:
 
 @router.get("/v1/models")
 async def list_models(request: Request, identity: Authenticated) -> dict[str, Any]:
-    models = services(request).registry.list()
+    models = await services(request).registry.list()
     return {"object": "list", "data": [
         {"id": model.name, "object": "model", "created": model.created,
          "owned_by": model.owned_by} for model in models]}

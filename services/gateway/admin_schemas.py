@@ -1,0 +1,101 @@
+"""The admin API's request and response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from libs.common.db.models import MAX_PIPELINE_DEGREE
+
+
+class RegisterModel(BaseModel):
+    """POST /admin/models"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=120)
+    # an HF checkpoint folder, as the storage service sees it
+    path: str = Field(min_length=1)
+    ttft_slo_ms: int = Field(gt=0)
+    tpot_slo_ms: int = Field(gt=0)
+    max_pipeline_degree: int = Field(default=MAX_PIPELINE_DEGREE, ge=1, le=MAX_PIPELINE_DEGREE)
+    keep_alive_s: float = Field(default=60.0, ge=0)
+    # KV-cache memory a whole-model worker reserves next to the weights
+    kv_cache_bytes: int = Field(default=0, ge=0)
+
+
+class PartitionOut(BaseModel):
+    degree: int
+    stage: int
+    start_layer: int
+    end_layer: int
+    num_bytes: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    architecture: str
+    family: str
+    num_layers: int
+    size_bytes: int
+    kv_cache_bytes: int
+    # the model's URL in the storage service
+    storage_path: str
+    ttft_slo_ms: int
+    tpot_slo_ms: int
+    max_pipeline_degree: int
+    keep_alive_s: float
+    created_at: datetime
+    partitions: list[PartitionOut] = Field(default_factory=list)
+
+
+class IssueKey(BaseModel):
+    """POST /admin/keys: a key for `tenant` (created on first use)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=128)
+    name: str = Field(default="default", min_length=1, max_length=128)
+
+
+class IssuedKey(BaseModel):
+    id: int
+    tenant: str
+    tenant_id: int
+    name: str
+    # the plaintext key: shown here once, stored nowhere
+    key: str
+
+
+class NodeOut(BaseModel):
+    id: str
+    gpu_type: str
+    gpu_memory_bytes: int
+    nic_bandwidth_bytes_per_s: int
+    state: str
+    last_heartbeat: datetime
+
+
+class EndpointOut(BaseModel):
+    id: int
+    model: str
+    state: str
+    pipeline_degree: int
+    last_request_at: datetime | None
+    created_at: datetime
+
+
+class WorkerOut(BaseModel):
+    id: int
+    endpoint_id: int
+    node_id: str
+    stage: int
+    start_layer: int
+    end_layer: int
+    gpu_memory_bytes: int
+    is_full_size: bool
+    state: str
+    created_at: datetime
+    ready_at: datetime | None
+    stopped_at: datetime | None
