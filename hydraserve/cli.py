@@ -46,11 +46,38 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from hydraserve.up import run_up
+
+    return run_up(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraserve", description="HydraServe: serverless LLM serving with fast cold starts."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="run the whole system on this machine",
+        description="Start NATS and PostgreSQL (embedded, unless HYDRASERVE_NATS__URL / "
+                    "HYDRASERVE_DATABASE__URL name servers), storage, the gateway, the "
+                    "scheduler and emulated GPU nodes; register the demo model. Ctrl-C stops "
+                    "everything.",
+    )
+    up.add_argument("--state-dir", type=Path, default=Path(".hydraserve"),
+                    help="where data, logs and the admin key live (default: .hydraserve)")
+    up.add_argument("--nodes", type=int, default=4, help="emulated GPU nodes (default: 4)")
+    up.add_argument("--gpu-memory-gb", type=float, default=16.0, help="per node (default: 16)")
+    up.add_argument("--nic-gbps", type=float, default=16.0,
+                    help="per-node NIC bandwidth cap in Gbit/s (default: 16)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000, help="the API's port (default: 8000)")
+    up.add_argument("--keep-alive", type=float, default=60.0,
+                    help="idle seconds before the demo model scales to zero (default: 60)")
+    up.add_argument("--no-demo", dest="demo", action="store_false",
+                    help="do not register the demo model")
+    up.set_defaults(handler=_up)
 
     gen = commands.add_parser(
         "generate", help="generate text from a model folder, streaming to the terminal",

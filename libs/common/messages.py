@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from libs.common.errors import HydraError
 from libs.common.subjects import EVENT_KIND
@@ -144,6 +144,20 @@ class EventKind:
     WORKER_READY = "worker.ready"
     WORKER_STOPPING = "worker.stopping"
     WORKER_STOPPED = "worker.stopped"
+    # --- cold start: scheduler and node agent ---
+    # the scheduler sent a PlaceWorkerCommand / StopWorkerCommand
+    WORKER_PLACED = "worker.placed"
+    WORKER_STOP_REQUESTED = "worker.stop_requested"
+    # the node agent spawned the worker process (pid in data)
+    WORKER_LAUNCHED = "worker.launched"
+    NODE_REGISTERED = "node.registered"
+    NODE_HEARTBEAT = "node.heartbeat"
+    # the scheduler took the node for gone (heartbeat timeout)
+    NODE_DOWN = "node.down"
+    FETCH_STARTED = "fetch.started"
+    FETCH_PROGRESS = "fetch.progress"
+    FETCH_DONE = "fetch.done"
+    FETCH_FAILED = "fetch.failed"
 
 
 class Event(Message):
@@ -161,3 +175,70 @@ class Event(Message):
     request_id: str | None = None
     # kind-specific facts, e.g. {"load_s": 1.2} for worker.ready
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- commands (HS_COMMANDS, `hs.cmd.node.<node_id>`) and node reports -----------------------
+
+
+class PlaceWorkerCommand(Message):
+    """Fetch a stage of a model into the node's shared memory and launch its worker, at once.
+
+    Idempotent: a node agent that already runs (or ran) `worker_id` does nothing again.
+    """
+
+    type: Literal["place_worker"] = "place_worker"
+    # unique per command; a redelivered command carries the same id
+    command_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    worker_id: str = Field(min_length=1)
+    endpoint_id: str = Field(min_length=1)
+    node_id: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    # pipeline degree and stage index of the partition to fetch (1, 0: the whole model)
+    degree: int = Field(default=1, ge=1)
+    stage: int = Field(default=0, ge=0)
+    # decoder layers [start_layer, end_layer) the worker serves
+    start_layer: int = Field(ge=0)
+    end_layer: int = Field(ge=1)
+    # GPU memory reserved for the worker (weights + KV cache)
+    gpu_bytes: int = Field(ge=0)
+    # the model store the partition comes from; None: the node agent's own setting
+    storage_url: str | None = None
+    # the model's name in that store (`models.storage_path`); None: the same as `model`
+    storage_model: str | None = None
+    # unix time (s) the scheduler decided
+    issued_at: float = Field(default_factory=time.time)
+
+
+class StopWorkerCommand(Message):
+    """Stop a worker: terminate its process, cancel its fetch, delete its shared memory.
+
+    Idempotent: stopping a worker the node does not run only reports it stopped again.
+    """
+
+    type: Literal["stop_worker"] = "stop_worker"
+    command_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    worker_id: str = Field(min_length=1)
+    node_id: str = Field(min_length=1)
+    issued_at: float = Field(default_factory=time.time)
+
+
+NodeCommand = Annotated[PlaceWorkerCommand | StopWorkerCommand, Field(discriminator="type")]
+_NODE_COMMAND: TypeAdapter[PlaceWorkerCommand | StopWorkerCommand] = TypeAdapter(NodeCommand)
+
+
+def parse_node_command(data: bytes) -> PlaceWorkerCommand | StopWorkerCommand:
+    """A command message from `hs.cmd.node.<id>` (raises pydantic.ValidationError)."""
+    return _NODE_COMMAND.validate_json(data)
+
+
+class NodeInfo(Message):
+    """What a node agent says about its node: the data of node.registered / node.heartbeat."""
+
+    node_id: str = Field(min_length=1)
+    # "cpu" for an emulated node
+    gpu_type: str = "cpu"
+    gpu_memory_bytes: int = Field(ge=0)
+    # the NIC share the node agent lets its fetches use
+    nic_bandwidth_bytes_per_s: int = Field(ge=0)
+    # worker ids running on the node
+    worker_ids: list[str] = Field(default_factory=list)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -24,14 +26,31 @@ from libs.common.settings import Settings
 from services.worker.config import WorkerConfig
 from services.worker.service import WorkerService
 
+IMPORTS_DONE_AT = time.time()
 logger = logging.getLogger("services.worker")
+
+
+def process_started_at() -> float:
+    """Unix time the process was spawned (Linux /proc, 10 ms ticks since boot), else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            # field 22, counted after the parenthesised command name (which may hold spaces)
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+    return time.time() - (since_boot - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.worker",
                                      description="Serve one model's requests from NATS.")
     parser.add_argument("--model-dir", type=Path, required=True,
-                        help="the model folder (HF format)")
+                        help="the model folder (HF format); with --partition, the folder the "
+                             "node agent fills next to the partition")
+    parser.add_argument("--partition", type=Path,
+                        help="a partition file being filled behind its watermark (<file>.wm): "
+                             "load each tensor as its bytes arrive")
     parser.add_argument("--model", required=True, help="the model name clients ask for")
     parser.add_argument("--nats", help="NATS URL (default: HYDRASERVE_NATS__URL)")
     parser.add_argument("--worker-id", help="default: <hostname>-<random>")
@@ -59,7 +78,8 @@ def build_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
         model=args.model, model_dir=args.model_dir,
         worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
         nats=nats_settings, bus=settings.bus, worker=worker, node_id=args.node_id,
-        endpoint_id=args.endpoint_id, engine_options=engine_options,
+        endpoint_id=args.endpoint_id, engine_options=engine_options, partition=args.partition,
+        phases={"process_started_at": process_started_at(), "imports_done_at": IMPORTS_DONE_AT},
     )
 
 

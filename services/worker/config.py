@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,26 @@ class WorkerConfig:
     endpoint_id: str | None = None
     # EngineConfig fields (device, dtype, max_model_len, ...)
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # a partition file the node agent is filling (watermark next to it); None: load the
+    # model folder's own safetensors
+    partition: Path | None = None
+    # start-up phase -> unix time (s) it was reached, reported in worker.started / ready
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def load_engine(config: WorkerConfig) -> Engine:
     """Build and load the engine (runs in a thread, alongside the NATS set-up)."""
+    if config.partition is not None:
+        from services.worker.partition import load_engine_from_partition
+
+        return load_engine_from_partition(config, config.partition)
     from services.worker.engine.engine import LLMEngine
+
+    config.phases["engine_imported_at"] = time.time()
+    config.phases["load_started_at"] = time.time()
 
     engine = LLMEngine.from_model_dir(config.model_dir, max_num_seqs=config.worker.capacity,
                                       **config.engine_options)
     engine.load()
+    config.phases["loaded_at"] = time.time()
     return engine

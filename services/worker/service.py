@@ -77,7 +77,8 @@ class WorkerService:
             await ensure_streams(js, self.config.bus)
             await events.publish(EventKind.WORKER_STARTED, pid=os.getpid(),
                                  capacity=self.config.worker.capacity,
-                                 model_dir=str(self.config.model_dir))
+                                 model_dir=str(self.config.model_dir),
+                                 phases=dict(self.config.phases))
             try:
                 engine = await loading
             except Exception as exc:
@@ -90,8 +91,10 @@ class WorkerService:
             self._puller = BoundedPuller(
                 await self._subscribe(js), has_room=self._has_room, on_message=self._accept,
                 on_connection_lost=self._fail, fetch_timeout_s=self.config.worker.fetch_timeout_s)
+            self.config.phases["ready_at"] = time.time()
             await events.publish(EventKind.WORKER_READY, load_s=round(load_s, 6),
-                                 capacity=self.config.worker.capacity)
+                                 capacity=self.config.worker.capacity,
+                                 phases=dict(self.config.phases))
             logger.info("worker %s ready for model %r in %.2fs", self.config.worker_id,
                         self.config.model, load_s)
             return await self._serve(stop)

@@ -1,0 +1,77 @@
+"""`python -m services.prefetcher --node-id N --gpu-memory-gb G --nic-gbps B --storage-url URL
+[--nats URL] [--work-dir DIR]`: the node agent of one (possibly emulated) GPU node.
+
+Runs until SIGTERM/SIGINT, then stops its workers. Exit codes: 0 after a clean shutdown, 2 if
+it could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from nats.errors import Error as NatsError
+
+from libs.common.errors import HydraError
+from libs.common.settings import Settings
+from services.prefetcher.agent import AgentConfig
+from services.prefetcher.service import NodeAgentService, NodeConfig
+
+logger = logging.getLogger("services.prefetcher")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.prefetcher",
+                                     description="The node agent of one GPU node.")
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, required=True)
+    parser.add_argument("--nic-gbps", type=float, required=True,
+                        help="the NIC bandwidth fetches on this node may use, Gbit/s")
+    parser.add_argument("--storage-url", required=True, help="the model store's base URL")
+    parser.add_argument("--nats", help="NATS URL (default: HYDRASERVE_NATS__URL)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="where partitions go (default: /dev/shm/hydraserve-<node id>)")
+    parser.add_argument("--gpu-type", default="cpu")
+    parser.add_argument("--heartbeat-interval", type=float, default=2.0)
+    parser.add_argument("--worker-arg", action="append", default=[],
+                        help="an extra flag for every worker, e.g. --worker-arg=--capacity=4")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> NodeConfig:
+    work_dir = args.work_dir or Path("/dev/shm") / f"hydraserve-{args.node_id}"
+    agent = AgentConfig(node_id=args.node_id, storage_url=args.storage_url,
+                        nats_url=args.nats or Settings().nats.url, work_dir=work_dir,
+                        worker_args=tuple(args.worker_arg))
+    return NodeConfig(agent=agent, gpu_memory_bytes=int(args.gpu_memory_gb * (1 << 30)),
+                      nic_bandwidth_bytes_per_s=int(args.nic_gbps * 1e9 / 8),
+                      gpu_type=args.gpu_type, heartbeat_interval_s=args.heartbeat_interval)
+
+
+async def serve(config: NodeConfig, settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nats_settings = settings.nats.model_copy(update={"url": config.agent.nats_url})
+    return await NodeAgentService(config, nats=nats_settings, bus=settings.bus).run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        settings = Settings()
+        return asyncio.run(serve(build_config(args), settings))
+    except (HydraError, NatsError, OSError, ValueError) as exc:
+        logger.error("node agent failed: %s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

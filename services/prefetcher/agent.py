@@ -1,0 +1,186 @@
+"""The node agent's logic: place and stop workers on this node. No transport here.
+
+Placing a worker starts two things at once, the overlap a cold start lives on: the partition
+fetch into shared memory and the worker process, which maps the partition behind its
+watermark and loads each tensor as it lands. Commands are idempotent: a worker id is placed
+once, and stopping an unknown (or already stopped) worker only reports it stopped again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from libs.common.errors import HydraError
+from libs.common.messages import EventKind, PlaceWorkerCommand, StopWorkerCommand
+from libs.common.watermark import watermark_path
+from services.prefetcher.fetch import FetchResult, default_model_dir
+from services.prefetcher.launcher import Launcher, WorkerHandle, WorkerSpec
+from services.storage.throttle import TokenBucket
+
+logger = logging.getLogger(__name__)
+
+# fetch.progress events per fetch (at most one each time another share of the bytes is in)
+PROGRESS_STEPS = 4
+
+
+class Reporter(Protocol):
+    async def __call__(self, kind: str, *, model: str | None = None,
+                       worker_id: str | None = None, **data: Any) -> None: ...
+
+
+# (base_url, model, degree, stage, dest, nic, on_progress) -> FetchResult; fetch_partition
+FetchFn = Callable[..., Awaitable[FetchResult]]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    storage_url: str
+    nats_url: str
+    # where partitions go: a folder in /dev/shm on a real node
+    work_dir: Path
+    stop_timeout_s: float = 30.0
+    num_streams: int = 4
+    # extra worker flags (e.g. ["--capacity", "4"])
+    worker_args: tuple[str, ...] = ()
+
+
+@dataclass
+class _Worker:
+    command: PlaceWorkerCommand
+    partition: Path
+    model_dir: Path
+    fetch: asyncio.Task[None] | None = None
+    handle: WorkerHandle | None = None
+    monitor: asyncio.Task[None] | None = None
+    is_stopping: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class NodeAgent:
+    def __init__(self, config: AgentConfig, *, launcher: Launcher, fetch: FetchFn,
+                 report: Reporter, nic: TokenBucket | None = None) -> None:
+        self.config = config
+        self._launcher = launcher
+        self._fetch = fetch
+        self._report = report
+        self._nic = nic
+        self._workers: dict[str, _Worker] = {}
+        # worker ids ever placed here: a redelivered PlaceWorker after a stop does nothing
+        self._placed: set[str] = set()
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return sorted(self._workers)
+
+    async def place(self, command: PlaceWorkerCommand) -> None:
+        if command.worker_id in self._placed:
+            logger.info("worker %s already placed; command %s ignored", command.worker_id,
+                        command.command_id)
+            return
+        self._placed.add(command.worker_id)
+        partition = self.config.work_dir / f"w{command.worker_id}.safetensors"
+        worker = _Worker(command, partition, default_model_dir(partition))
+        self._workers[command.worker_id] = worker
+        await self._report(EventKind.FETCH_STARTED, model=command.model,
+                           worker_id=command.worker_id, partition=str(partition),
+                           degree=command.degree, stage=command.stage)
+        worker.fetch = asyncio.create_task(self._run_fetch(worker))
+        try:
+            worker.handle = await self._launcher.launch(self._spec(worker))
+        except OSError as exc:
+            logger.error("launching worker %s failed: %r", command.worker_id, exc)
+            await self._finish(worker, exit_code=None, error=repr(exc))
+            return
+        await self._report(EventKind.WORKER_LAUNCHED, model=command.model,
+                           worker_id=command.worker_id, pid=worker.handle.pid)
+        worker.monitor = asyncio.create_task(self._watch(worker, worker.handle))
+
+    async def stop(self, command: StopWorkerCommand) -> None:
+        worker = self._workers.get(command.worker_id)
+        if worker is None:
+            await self._report(EventKind.WORKER_STOPPED, worker_id=command.worker_id,
+                               by="node_agent", exit_code=None, was_running=False)
+            return
+        if not worker.is_stopping:
+            worker.is_stopping = True
+            if worker.fetch is not None:
+                worker.fetch.cancel()
+            if worker.handle is not None:
+                await worker.handle.terminate(self.config.stop_timeout_s)
+        await worker.stopped.wait()
+
+    async def stop_all(self) -> None:
+        for worker_id in self.worker_ids:
+            await self.stop(StopWorkerCommand(worker_id=worker_id, node_id=self.config.node_id))
+
+    def _spec(self, worker: _Worker) -> WorkerSpec:
+        command = worker.command
+        argv = [sys.executable, "-m", "services.worker", "--model", command.model,
+                "--model-dir", str(worker.model_dir), "--partition", str(worker.partition),
+                "--nats", self.config.nats_url, "--worker-id", command.worker_id,
+                "--node-id", self.config.node_id, "--endpoint-id", command.endpoint_id,
+                *self.config.worker_args]
+        log_path = self.config.work_dir / "logs" / f"worker-{command.worker_id}.log"
+        return WorkerSpec(worker_id=command.worker_id, argv=argv, log_path=log_path)
+
+    async def _run_fetch(self, worker: _Worker) -> None:
+        command = worker.command
+        started = time.monotonic()
+        next_step = [1]
+
+        def on_progress(received: int, total: int) -> None:
+            if total and received * PROGRESS_STEPS >= next_step[0] * total:
+                next_step[0] = received * PROGRESS_STEPS // total + 1
+                asyncio.get_running_loop().create_task(self._report(
+                    EventKind.FETCH_PROGRESS, model=command.model, worker_id=command.worker_id,
+                    received_bytes=received, total_bytes=total))
+
+        try:
+            result = await self._fetch(
+                command.storage_url or self.config.storage_url,
+                command.storage_model or command.model, command.degree,
+                command.stage, worker.partition, num_streams=self.config.num_streams,
+                nic=self._nic, on_progress=on_progress, model_dir=worker.model_dir)
+        except HydraError as exc:
+            await self._report(EventKind.FETCH_FAILED, model=command.model,
+                               worker_id=command.worker_id, error=exc.message)
+            return
+        await self._report(EventKind.FETCH_DONE, model=command.model,
+                           worker_id=command.worker_id, num_bytes=result.num_bytes,
+                           fetch_s=round(time.monotonic() - started, 6),
+                           bytes_per_s=round(result.bytes_per_s))
+
+    async def _watch(self, worker: _Worker, handle: WorkerHandle) -> None:
+        exit_code = await handle.wait()
+        await self._finish(worker, exit_code=exit_code)
+
+    async def _finish(self, worker: _Worker, *, exit_code: int | None,
+                      error: str | None = None) -> None:
+        """The process is gone: cancel the fetch, free the shared memory, report it."""
+        if worker.fetch is not None and not worker.fetch.done():
+            worker.fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.fetch
+        _remove_files(worker)
+        self._workers.pop(worker.command.worker_id, None)
+        await self._report(EventKind.WORKER_STOPPED, model=worker.command.model,
+                           worker_id=worker.command.worker_id, by="node_agent",
+                           exit_code=exit_code, was_running=True, asked=worker.is_stopping,
+                           error=error)
+        worker.stopped.set()
+
+
+def _remove_files(worker: _Worker) -> None:
+    for path in (worker.partition, watermark_path(worker.partition)):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(worker.model_dir, ignore_errors=True)

@@ -1,0 +1,83 @@
+"""How the node agent starts and stops worker processes.
+
+The interface is narrow on purpose (launch a command, learn its pid, wait for it, terminate
+it), so a Kubernetes launcher (a worker pod per worker) can replace the local one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    worker_id: str
+    # the command line of the worker process (`python -m services.worker ...`)
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class WorkerHandle(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    async def wait(self) -> int:
+        """The exit code once the worker is gone."""
+        ...
+
+    async def terminate(self, timeout_s: float) -> int:
+        """SIGTERM (the worker drains), then kill after `timeout_s`; the exit code."""
+        ...
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: WorkerSpec) -> WorkerHandle: ...
+
+
+class LocalProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    async def terminate(self, timeout_s: float) -> int:
+        if self._process.returncode is None:
+            self._process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self._process.wait(), timeout_s)
+        except TimeoutError:
+            logger.warning("worker pid %d ignored SIGTERM for %.1fs; killing it",
+                           self._process.pid, timeout_s)
+            self._process.kill()
+            return await self._process.wait()
+
+
+class LocalLauncher:
+    """Worker processes on this machine, their output in a log file each."""
+
+    def __init__(self, *, cwd: Path | None = None) -> None:
+        self._cwd = cwd
+
+    async def launch(self, spec: WorkerSpec) -> WorkerHandle:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        with spec.log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=self._cwd,
+                env={**os.environ, **spec.env}, start_new_session=True)
+        logger.info("launched worker %s as pid %d", spec.worker_id, process.pid)
+        return LocalProcess(process)

@@ -1,0 +1,55 @@
+"""Loading a worker's stage from a partition file that the node agent is still filling.
+
+The node agent starts the fetch and this process at the same time. Here: wait for the
+partition's watermark side file and its first byte (by then the model folder next to it,
+config, tokenizer and manifest.json, is complete), build the stage on `meta` for the layers
+of the manifest, then assign each tensor as soon as the watermark passes its end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from libs.common.watermark import SharedWatermark, watermark_path
+
+if TYPE_CHECKING:
+    from services.worker.config import WorkerConfig
+    from services.worker.engine.engine import LLMEngine
+
+# the side file appears once the agent has the manifest; the bytes then flow at NIC speed
+WATERMARK_TIMEOUT_S = 120.0
+TENSOR_TIMEOUT_S = 300.0
+
+
+def stage_layers(model_dir: Path) -> tuple[int, int]:
+    """[start_layer, end_layer) of the partition, from the manifest the agent wrote."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    return int(manifest["start_layer"]), int(manifest["end_layer"])
+
+
+def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngine:
+    """An engine over the stage in `partition`, loaded while its bytes arrive."""
+    phases = config.phases
+    from services.worker.engine.engine import LLMEngine
+    from services.worker.engine.loader import SafetensorsReader
+
+    phases["engine_imported_at"] = time.time()
+    watermark = SharedWatermark.open(watermark_path(partition), timeout=WATERMARK_TIMEOUT_S)
+    try:
+        watermark.wait_for(1, WATERMARK_TIMEOUT_S)
+        phases["partition_mapped_at"] = time.time()
+        start_layer, end_layer = stage_layers(config.model_dir)
+        engine = LLMEngine.from_model_dir(
+            config.model_dir, stage_boundaries=[start_layer, end_layer],
+            max_num_seqs=config.worker.capacity, **config.engine_options)
+        phases["load_started_at"] = time.time()
+        (runner,) = engine.runners
+        runner.load(SafetensorsReader(partition, watermark).stream(TENSOR_TIMEOUT_S))
+        engine.on_loaded()
+        phases["loaded_at"] = time.time()
+        return engine
+    finally:
+        watermark.close()
