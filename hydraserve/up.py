@@ -125,7 +125,28 @@ def _start_services(supervisor: Supervisor, args: argparse.Namespace, *, state: 
             "--storage-url", storage_url, "--nats", nats_url,
             "--work-dir", str(state / "nodes" / node),
         ], env)
+    _wait_for_nodes(api, admin_key, args.nodes, supervisor)
     return api
+
+
+def _wait_for_nodes(api: str, admin_key: str, num_nodes: int, supervisor: Supervisor,
+                    timeout: float = 120.0) -> None:
+    """Ready when the scheduler has recorded every node as up: it is consuming events then,
+    so a request sent after the banner is seen (a new scheduler starts at new events)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exited = supervisor.first_exited()
+        if exited is not None:
+            raise RuntimeError(f"{exited.name} exited with {exited.process.returncode} "
+                               f"(see {exited.log})")
+        response = httpx.get(f"{api}/admin/nodes", timeout=5,
+                             headers={"Authorization": f"Bearer {admin_key}"})
+        if response.status_code == 200:
+            up = [n for n in response.json()["data"] if n["state"] == "up"]
+            if len(up) >= num_nodes:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"the scheduler did not see {num_nodes} nodes within {timeout:.0f}s")
 
 
 def _register_demo(api: str, admin_key: str, state: Path, *, keep_alive_s: float) -> None:
