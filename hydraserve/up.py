@@ -181,12 +181,14 @@ def _supervise(supervisor: Supervisor) -> int:
 
 
 def _install_signal_handlers() -> None:
-    """SIGTERM (docker stop, kill) shuts down like Ctrl-C."""
+    """SIGTERM (docker stop, kill) shuts down like Ctrl-C; SIGINT is handled even when the
+    shell started us with it ignored (a background job)."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 @contextmanager
