@@ -1,11 +1,12 @@
-# Set-up and the everyday commands: `make demo` runs the engine on the demo model,
-# `make test` runs the tests. Each installs what it needs into .venv first.
+# Set-up and the everyday commands: `make up` runs HydraServe on this machine, `make test`
+# runs the tests, `make demo` runs the engine alone on the demo model. Each installs what it
+# needs into .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-engine clean
+.PHONY: install up demo test lint bench-engine clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/hydraserve up
 
 demo: $(STAMP)
 	$(BIN)/hydraserve demo-model .hydraserve/demo-model
