@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import nats
 import pytest
 from nats.js.api import DeliverPolicy
@@ -25,12 +21,11 @@ from libs.common.bus import ensure_streams
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
 from libs.common.subjects import event_subject
+from tests.processes import START_TIMEOUT_S, free_port, spawn, stop, tail, wait_for_http
 
 if TYPE_CHECKING:
     from services.worker.engine.engine import LLMEngine
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 60.0
 ADMIN_KEY = "sk-admin-e2e-0123456789"
 USER_KEY = "sk-user-e2e-0123456789"
 
@@ -48,25 +43,10 @@ class WarmStack:
     stalled_model: str
 
 
-def _spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None
-           ) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
 
 
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
 
 
-def _tail(log_path: Path) -> str:
-    return "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
 
 
 async def _wait_for_worker_ready(nats_url: str, model: str, worker_id: str,
@@ -79,7 +59,7 @@ async def _wait_for_worker_ready(nats_url: str, model: str, worker_id: str,
                                  ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         async with asyncio.timeout(START_TIMEOUT_S):
             while True:
-                assert process.poll() is None, f"worker exited:\n{_tail(log_path)}"
+                assert process.poll() is None, f"worker exited:\n{tail(log_path)}"
                 try:
                     event = Event.model_validate_json((await sub.next_msg(0.1)).data)
                 except TimeoutError:
@@ -90,23 +70,8 @@ async def _wait_for_worker_ready(nats_url: str, model: str, worker_id: str,
         await nc.close()
 
 
-def _wait_for_gateway(base_url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        assert process.poll() is None, f"gateway exited:\n{_tail(log_path)}"
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"gateway not up:\n{_tail(log_path)}"
-        time.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -138,15 +103,15 @@ def warm_stack(nats_url: str, demo_model_dir: Path, tmp_path_factory: pytest.Tem
     """One warm worker of `model` and a gateway serving it (and `idle_model`, workerless)."""
     logs = tmp_path_factory.mktemp("e2e-logs")
     suffix = uuid.uuid4().hex[:6]
-    stack = WarmStack(base_url=f"http://127.0.0.1:{_free_port()}", admin_key=ADMIN_KEY,
+    stack = WarmStack(base_url=f"http://127.0.0.1:{free_port()}", admin_key=ADMIN_KEY,
                       user_key=USER_KEY,
                       model=f"hydra/demo-tiny-{suffix}", idle_model=f"hydra/idle-{suffix}",
                       stalled_model=f"hydra/stalled-{suffix}")
     worker_id = f"e2e-{suffix}"
-    worker = _spawn([sys.executable, "-m", "services.worker", "--model-dir",
+    worker = spawn([sys.executable, "-m", "services.worker", "--model-dir",
                      str(demo_model_dir), "--model", stack.model, "--nats", nats_url,
                      "--worker-id", worker_id, "--capacity", "4"], logs / "worker.log")
-    gateway = _spawn([sys.executable, "-m", "services.gateway"], logs / "gateway.log", env={
+    gateway = spawn([sys.executable, "-m", "services.gateway"], logs / "gateway.log", env={
         "HYDRASERVE_NATS__URL": nats_url,
         "HYDRASERVE_GATEWAY__HOST": "127.0.0.1",
         "HYDRASERVE_GATEWAY__PORT": stack.base_url.rsplit(":", 1)[1],
@@ -161,10 +126,10 @@ def warm_stack(nats_url: str, demo_model_dir: Path, tmp_path_factory: pytest.Tem
     try:
         asyncio.run(_wait_for_worker_ready(nats_url, stack.model, worker_id, worker,
                                            logs / "worker.log"))
-        _wait_for_gateway(stack.base_url, gateway, logs / "gateway.log")
+        wait_for_http(f"{stack.base_url}/health", gateway, logs / "gateway.log")
         yield stack
     finally:
-        exit_codes = (_stop(gateway), _stop(worker))
+        exit_codes = (stop(gateway), stop(worker))
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to exit
     assert exit_codes in ((0, 0), (-signal.SIGTERM, 0)), \
-        f"{_tail(logs / 'gateway.log')}\n{_tail(logs / 'worker.log')}"
+        f"{tail(logs / 'gateway.log')}\n{tail(logs / 'worker.log')}"

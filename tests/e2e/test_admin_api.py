@@ -11,7 +11,6 @@ import asyncio
 import json
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from sqlalchemy.engine import make_url
 from hydraserve.cli import main
 from libs.common.messages import Event
 from libs.common.subjects import event_filter
-from tests.e2e.conftest import START_TIMEOUT_S, _free_port, _spawn, _stop, _tail, _wait_for_gateway
+from tests.processes import free_port, spawn, stop, wait_for_http
 
 pytestmark = pytest.mark.e2e
 
@@ -59,17 +58,6 @@ async def _sql(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         await connection.close()
 
 
-def _wait_for_storage(base_url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/models", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"storage not up:\n{_tail(log)}")
-
 
 @pytest.fixture(scope="module")
 def admin_stack(nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
@@ -79,22 +67,22 @@ def admin_stack(nats_url: str, database_url: str, tmp_path_factory: pytest.TempP
     asyncio.run(_sql(_dsn(database_url), f'CREATE DATABASE "{name}"'))
     db_url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
     assert main(["db", "upgrade", "--database-url", db_url]) == 0
-    storage_url = f"http://127.0.0.1:{_free_port()}"
-    storage = _spawn([sys.executable, "-m", "services.storage", "--root", str(tmp / "store"),
+    storage_url = f"http://127.0.0.1:{free_port()}"
+    storage = spawn([sys.executable, "-m", "services.storage", "--root", str(tmp / "store"),
                       "--port", storage_url.rsplit(":", 1)[1]], tmp / "storage.log")
-    base_url = f"http://127.0.0.1:{_free_port()}"
-    gateway = _spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env={
+    base_url = f"http://127.0.0.1:{free_port()}"
+    gateway = spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env={
         "HYDRASERVE_NATS__URL": nats_url, "HYDRASERVE_DATABASE__URL": db_url,
         "HYDRASERVE_GATEWAY__STORAGE_URL": storage_url,
         "HYDRASERVE_GATEWAY__PORT": base_url.rsplit(":", 1)[1],
         "HYDRASERVE_GATEWAY__ADMIN_KEY": ADMIN_KEY})
     try:
-        _wait_for_storage(storage_url, tmp / "storage.log")
-        _wait_for_gateway(base_url, gateway, tmp / "gateway.log")
+        wait_for_http(f"{storage_url}/models", storage, tmp / "storage.log")
+        wait_for_http(f"{base_url}/health", gateway, tmp / "gateway.log")
         yield AdminStack(base_url, nats_url, _dsn(db_url), f"hydra/demo-{uuid.uuid4().hex[:6]}")
     finally:
-        _stop(gateway)
-        _stop(storage)
+        stop(gateway)
+        stop(storage)
         asyncio.run(_sql(_dsn(database_url), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 

@@ -27,7 +27,8 @@ from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from tests.conftest import _create_database, _database_name, _drop_database
-from tests.e2e.conftest import USER_KEY, _free_port, _spawn, _stop, _tail, _wait_for_gateway
+from tests.e2e.conftest import USER_KEY
+from tests.processes import free_port, spawn, stop, tail, wait_for_http
 
 if TYPE_CHECKING:
     import subprocess
@@ -94,7 +95,7 @@ def wait_for_events(stack: ColdStack, until: Callable[[list[Event]], bool]) -> l
 def _logs(stack: ColdStack) -> str:
     paths = sorted(stack.logs.glob("*.log")) + sorted(
         p for d in stack.work_dirs for p in (d / "logs").glob("*.log"))
-    return "\n".join(f"--- {p.name}\n{_tail(p)}" for p in paths)
+    return "\n".join(f"--- {p.name}\n{tail(p)}" for p in paths)
 
 
 def kinds(events: list[Event], kind: str, **data: object) -> list[Event]:
@@ -114,16 +115,7 @@ def timeline(events: list[Event]) -> str:
 
 def _import_model(storage_url: str, model_dir: Path, name: str,
                   process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert process.poll() is None, f"storage exited:\n{_tail(log)}"
-        try:
-            if httpx.get(f"{storage_url}/models", timeout=1.0).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"storage not up:\n{_tail(log)}"
-        time.sleep(0.05)
+    wait_for_http(f"{storage_url}/models", process, log)
     response = httpx.post(f"{storage_url}/models", json={"path": str(model_dir), "name": name},
                           timeout=30)
     assert response.status_code == 201, response.text
@@ -138,7 +130,7 @@ async def _wait_for_consumer(nats_url: str, name: str, process: subprocess.Popen
         await ensure_streams(js, BusSettings())
         async with asyncio.timeout(60):
             while True:
-                assert process.poll() is None, f"scheduler exited:\n{_tail(log)}"
+                assert process.poll() is None, f"scheduler exited:\n{tail(log)}"
                 try:
                     await js.consumer_info(EVENTS_STREAM, name)
                     return
@@ -163,28 +155,28 @@ def cold_stack(nats_url: str, cold_database_url: str, demo_model_dir: Path,
     model, consumer = f"demo-cold-{suffix}", f"scheduler-{suffix}"
     node_ids = tuple(f"{node}-{suffix}" for node in NODE_IDS)
     work_dirs = tuple(tmp_path_factory.mktemp(f"shm-{node}") for node in NODE_IDS)
-    storage_url = f"http://127.0.0.1:{_free_port()}"
-    stack = ColdStack(base_url=f"http://127.0.0.1:{_free_port()}", nats_url=nats_url,
+    storage_url = f"http://127.0.0.1:{free_port()}"
+    stack = ColdStack(base_url=f"http://127.0.0.1:{free_port()}", nats_url=nats_url,
                       model=model, node_ids=node_ids, work_dirs=work_dirs, logs=logs)
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        storage = _spawn([sys.executable, "-m", "services.storage", "--root",
+        storage = spawn([sys.executable, "-m", "services.storage", "--root",
                           str(logs / "store"), "--port", storage_url.rsplit(":", 1)[1]],
                          logs / "storage.log")
         processes.append(storage)
         _import_model(storage_url, demo_model_dir, model, storage, logs / "storage.log")
-        scheduler = _spawn([sys.executable, "-m", "services.scheduler", "--nats", nats_url,
+        scheduler = spawn([sys.executable, "-m", "services.scheduler", "--nats", nats_url,
                             "--database-url", cold_database_url, "--storage-url", storage_url,
                             "--register-model", model, "--keep-alive", str(KEEP_ALIVE_S),
                             "--consumer", consumer], logs / "scheduler.log")
         processes.append(scheduler)
         for node_id, work_dir in zip(node_ids, work_dirs, strict=True):
-            processes.append(_spawn([
+            processes.append(spawn([
                 sys.executable, "-m", "services.prefetcher", "--node-id", node_id,
                 "--gpu-memory-gb", "16", "--nic-gbps", "8", "--storage-url", storage_url,
                 "--nats", nats_url, "--work-dir", str(work_dir), "--heartbeat-interval", "1",
                 "--worker-arg=--capacity=2"], logs / f"agent-{node_id}.log"))
-        gateway = _spawn([sys.executable, "-m", "services.gateway"], logs / "gateway.log", env={
+        gateway = spawn([sys.executable, "-m", "services.gateway"], logs / "gateway.log", env={
             "HYDRASERVE_NATS__URL": nats_url,
             "HYDRASERVE_GATEWAY__HOST": "127.0.0.1",
             "HYDRASERVE_GATEWAY__PORT": stack.base_url.rsplit(":", 1)[1],
@@ -193,13 +185,13 @@ def cold_stack(nats_url: str, cold_database_url: str, demo_model_dir: Path,
         })
         processes.append(gateway)
         asyncio.run(_wait_for_consumer(nats_url, consumer, scheduler, logs / "scheduler.log"))
-        _wait_for_gateway(stack.base_url, gateway, logs / "gateway.log")
+        wait_for_http(f"{stack.base_url}/health", gateway, logs / "gateway.log")
         wait_for_events(stack, lambda es: {e.node_id for e in kinds(
             es, EventKind.NODE_REGISTERED)} == set(node_ids))
         yield stack
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
 
 
 @pytest.fixture
