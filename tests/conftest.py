@@ -20,9 +20,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from services.worker.engine.engine import LLMEngine
 
 from libs.common.embedded import EmbeddedNats, EmbeddedPostgres, wait_for_nats
 
@@ -181,3 +184,20 @@ def fresh_database_url(database_url: str) -> Iterator[str]:
     url = _create_database(database_url, "hs_fresh")
     yield url
     _drop_database(database_url, _database_name(url))
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.worker.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("e2e-demo-model"))
+
+
+@pytest.fixture(scope="session")
+def reference_engine(demo_model_dir: Path) -> LLMEngine:
+    """The engine in this process: what the served answers must equal."""
+    from services.worker.engine.engine import LLMEngine
+
+    engine = LLMEngine.from_model_dir(demo_model_dir, max_num_seqs=1)
+    engine.load()
+    return engine

@@ -24,7 +24,7 @@ from libs.common.subjects import event_subject
 from tests.processes import START_TIMEOUT_S, free_port, spawn, stop, tail, wait_for_http
 
 if TYPE_CHECKING:
-    from services.worker.engine.engine import LLMEngine
+    pass
 
 ADMIN_KEY = "sk-admin-e2e-0123456789"
 USER_KEY = "sk-user-e2e-0123456789"
@@ -78,23 +78,6 @@ async def _wait_for_worker_ready(nats_url: str, model: str, worker_id: str,
 def anyio_backend() -> str:
     # nats-py runs on asyncio only
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.worker.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("e2e-demo-model"))
-
-
-@pytest.fixture(scope="session")
-def reference_engine(demo_model_dir: Path) -> LLMEngine:
-    """The engine in this process: what the served answers must equal."""
-    from services.worker.engine.engine import LLMEngine
-
-    engine = LLMEngine.from_model_dir(demo_model_dir, max_num_seqs=1)
-    engine.load()
-    return engine
 
 
 @pytest.fixture(scope="module")

@@ -136,22 +136,6 @@ def reference(engine: LLMEngine, prompt: str, sampling: SamplingOptions) -> Comp
     return generate(engine, [prompt], SamplingParams(**sampling.model_dump()))[0]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from services.worker.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("demo-model"))
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> LLMEngine:
-    from services.worker.engine.engine import LLMEngine
-
-    engine = LLMEngine.from_model_dir(model_dir, max_num_seqs=1)
-    engine.load()
-    return engine
-
-
 class Fleet:
     """The workers of one model. Tests may stop some; each needs only the live ones."""
 
@@ -164,7 +148,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(nats_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+def fleet(nats_url: str, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Fleet]:
     """Three workers of one model, started at once (start-up dominates the run time). The
     kill test ends one and the SIGTERM test another, in either order, so one always serves.
@@ -172,7 +156,7 @@ def fleet(nats_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     logs = tmp_path_factory.mktemp("logs")
     # characters a subject token cannot hold: the name is encoded on the bus
     model = f"demo/tiny v1.{uuid.uuid4().hex[:6]}"
-    workers = [Worker(nats_url, model_dir, model, logs, "--ack-wait", "2") for _ in range(3)]
+    workers = [Worker(nats_url, demo_model_dir, model, logs, "--ack-wait", "2") for _ in range(3)]
     try:
         asyncio.run(wait_until_ready(nats_url, *workers))
         yield Fleet(workers)
@@ -188,10 +172,10 @@ def new_request(model: str, prompt: str, sampling: SamplingOptions) -> GenerateR
 
 @pytest.mark.anyio
 async def test_worker_answers_with_chunks_whose_text_is_the_engines_greedy_output(
-    nats_url: str, fleet: Fleet, engine: LLMEngine,
+    nats_url: str, fleet: Fleet, reference_engine: LLMEngine,
 ) -> None:
     request = new_request(fleet.model, PROMPT, greedy(24))
-    expected = reference(engine, PROMPT, request.sampling)
+    expected = reference(reference_engine, PROMPT, request.sampling)
     nc = await nats.connect(nats_url)
     try:
         chunks = await collect(await send(nc, request))
@@ -234,12 +218,12 @@ async def test_oversize_prompt_gets_one_error_chunk_and_leaves_nothing_queued(
 
 @pytest.mark.anyio
 async def test_request_of_a_killed_worker_is_redelivered_to_another_and_answered_in_full(
-    nats_url: str, fleet: Fleet, engine: LLMEngine,
+    nats_url: str, fleet: Fleet, reference_engine: LLMEngine,
 ) -> None:
     alive = fleet.alive()
     assert len(alive) >= 2
     request = new_request(fleet.model, PROMPT, greedy(300, ignore_eos=True))
-    expected = reference(engine, PROMPT, request.sampling)
+    expected = reference(reference_engine, PROMPT, request.sampling)
     killed: list[str] = []
 
     async def kill_the_worker_that_answers(chunk: TokenChunk) -> None:
@@ -261,11 +245,11 @@ async def test_request_of_a_killed_worker_is_redelivered_to_another_and_answered
 
 @pytest.mark.anyio
 async def test_sigterm_lets_the_in_flight_request_finish_then_the_worker_exits_cleanly(
-    nats_url: str, fleet: Fleet, engine: LLMEngine,
+    nats_url: str, fleet: Fleet, reference_engine: LLMEngine,
 ) -> None:
     alive = fleet.alive()
     request = new_request(fleet.model, PROMPT, greedy(200, ignore_eos=True))
-    expected = reference(engine, PROMPT, request.sampling)
+    expected = reference(reference_engine, PROMPT, request.sampling)
     terminated: list[str] = []
 
     async def terminate_the_worker_that_answers(chunk: TokenChunk) -> None:
