@@ -109,10 +109,28 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
 
+    def reset_parameters(self) -> None:
+        """No random init: weights come from the checkpoint (see `Embedding`)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without random init. Initialising a `meta` tensor runs torch's Python
+    reference ops, whose first use imports torch._dynamo: seconds of a cold start for nothing."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm without init (see `Embedding`)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class FusedLinear:

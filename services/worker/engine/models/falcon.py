@@ -19,7 +19,15 @@ from services.worker.engine.attention import ForwardBatch, cached_attention
 from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import ModelFormatError, UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
-from services.worker.engine.models.base import Linear, Rotary, StageInput, StageModel, hf_get
+from services.worker.engine.models.base import (
+    Embedding,
+    LayerNorm,
+    Linear,
+    Rotary,
+    StageInput,
+    StageModel,
+    hf_get,
+)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as HF's "gelu"
@@ -149,10 +157,10 @@ class FalconDecoderLayer(nn.Module):
         self.self_attention = FalconAttention(args, rotary)
         self.mlp = FalconMLP(args)
         h, eps = args.hidden_size, args.layer_norm_eps
-        self.ln_attn = nn.LayerNorm(h, eps=eps) if args.has_two_norms else None
-        self.ln_mlp = nn.LayerNorm(h, eps=eps) if args.has_two_norms else None
-        self.input_layernorm = None if args.has_two_norms else nn.LayerNorm(h, eps=eps)
-        self.post_attention_layernorm = None if args.is_parallel else nn.LayerNorm(h, eps=eps)
+        self.ln_attn = LayerNorm(h, eps=eps) if args.has_two_norms else None
+        self.ln_mlp = LayerNorm(h, eps=eps) if args.has_two_norms else None
+        self.input_layernorm = None if args.has_two_norms else LayerNorm(h, eps=eps)
+        self.post_attention_layernorm = None if args.is_parallel else LayerNorm(h, eps=eps)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -173,11 +181,11 @@ class FalconDecoderLayer(nn.Module):
 class FalconModel(nn.Module):
     def __init__(self, args: FalconArgs, stage: StageSpec, rotary: Rotary) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size) \
+        self.word_embeddings = Embedding(args.vocab_size, args.hidden_size) \
             if stage.is_first else None
         # A ModuleDict keyed by the global layer index keeps the HF name transformer.h.{i}.
         self.h = nn.ModuleDict({str(i): FalconDecoderLayer(args, rotary) for i in stage.layers})
-        self.ln_f = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps) \
+        self.ln_f = LayerNorm(args.hidden_size, eps=args.layer_norm_eps) \
             if stage.is_last else None
 
 

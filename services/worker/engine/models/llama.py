@@ -14,6 +14,7 @@ from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
 from services.worker.engine.models.base import (
+    Embedding,
     FusedLinear,
     FusionGroup,
     Linear,
@@ -122,7 +123,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs, stage: StageSpec, rotary: Rotary) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if stage.is_first \
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size) if stage.is_first \
             else None
         # A ModuleDict keyed by the global layer index keeps the HF name model.layers.{i}.
         self.layers = nn.ModuleDict(

@@ -18,7 +18,14 @@ from services.worker.engine.attention import ForwardBatch, cached_attention
 from services.worker.engine.config import ModelConfig, StageSpec
 from services.worker.engine.errors import ModelFormatError, UnsupportedModelError
 from services.worker.engine.kv_cache import KVCacheShape
-from services.worker.engine.models.base import Linear, StageInput, StageModel, hf_get
+from services.worker.engine.models.base import (
+    Embedding,
+    LayerNorm,
+    Linear,
+    StageInput,
+    StageModel,
+    hf_get,
+)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -80,8 +87,8 @@ class OPTArgs:
         )
 
 
-def _layer_norm(args: OPTArgs) -> nn.LayerNorm:
-    return nn.LayerNorm(args.hidden_size, eps=LAYER_NORM_EPS,
+def _layer_norm(args: OPTArgs) -> LayerNorm:
+    return LayerNorm(args.hidden_size, eps=LAYER_NORM_EPS,
                         elementwise_affine=args.has_norm_affine)
 
 
@@ -135,9 +142,9 @@ class OPTDecoder(nn.Module):
     def __init__(self, args: OPTArgs, stage: StageSpec) -> None:
         super().__init__()
         first, last = stage.is_first, stage.is_last
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.word_embed_proj_dim) if first \
+        self.embed_tokens = Embedding(args.vocab_size, args.word_embed_proj_dim) if first \
             else None
-        self.embed_positions = nn.Embedding(args.max_positions + POSITION_OFFSET,
+        self.embed_positions = Embedding(args.max_positions + POSITION_OFFSET,
                                             args.hidden_size) if first else None
         self.project_in = Linear(args.word_embed_proj_dim, args.hidden_size, bias=False) \
             if first and args.has_projection else None
