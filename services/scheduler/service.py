@@ -4,6 +4,12 @@ One loop, one event at a time: bus events (a durable consumer on `HS_EVENTS`) an
 `tick_s` are mapped to policy events and fed to `decide`; the new state is written to Postgres
 (`StateStore.apply`) before the commands go out on `hs.cmd.node.<id>`, so a restarted
 scheduler never re-decides what it already commanded. Models are registered at start-up.
+
+Requests are not in Postgres: they wait in `HS_REQUESTS`. Right after subscribing to the
+events (so nothing falls between the two), the service reads that backlog and feeds the policy
+a `RequestArrived` for every waiting request it does not know, and on ticks (every
+`backlog_check_s`) it checks again for models with requests waiting but nothing to take them,
+and ends requests that left the stream without a `request.done` (`services.scheduler.backlog`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from libs.common.db.session import create_engine, create_sessionmaker
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings, NatsSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+from services.scheduler import backlog
 from services.scheduler import events as policy_events
 from services.scheduler.commands import to_outgoing, to_policy_event
 from services.scheduler.policy import SINGLE_WORKER, Policy
@@ -56,6 +63,9 @@ class SchedulerConfig:
     tick_s: float = 1.0
     # the durable consumer on HS_EVENTS; a restarted scheduler resumes where it stopped
     consumer: str = "scheduler"
+    # how often (at a tick) to reconcile the policy's requests with the HS_REQUESTS backlog;
+    # 0 disables the periodic check (the one at start-up always runs)
+    backlog_check_s: float = 1.0
 
 
 class SchedulerService:
@@ -70,6 +80,7 @@ class SchedulerService:
         self._storage_names: dict[str, str] = {}
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._queue: asyncio.Queue[tuple[policy_events.Event, Msg | None]] = asyncio.Queue()
+        self._last_backlog_check = 0.0
 
     async def run(self, stop: asyncio.Event) -> int:
         await upgrade_async(self.config.database_url)
@@ -87,6 +98,9 @@ class SchedulerService:
                 self._storage_names[spec.name] = spec.name
                 await self._decide(store, nc, js, policy_events.ModelRegistered(spec))
             subscription = await self._subscribe(js)
+            # after subscribing: a request queued from here on is in the backlog or its
+            # event is delivered (or both; the policy ignores a known request id)
+            await self._reconcile_backlog(store, nc, js, at_start=True)
             tasks = [asyncio.create_task(self._pull_loop(subscription)),
                      asyncio.create_task(self._tick_loop())]
             processing = asyncio.create_task(self._process_loop(store, nc, js))
@@ -153,9 +167,51 @@ class SchedulerService:
     async def _process_loop(self, store: StateStore, nc: NATS, js: JetStreamContext) -> None:
         while True:
             event, msg = await self._queue.get()
+            if (isinstance(event, policy_events.Tick) and self.config.backlog_check_s > 0
+                    and time.monotonic() - self._last_backlog_check
+                    >= self.config.backlog_check_s):
+                await self._reconcile_backlog(store, nc, js, at_start=False)
             await self._decide(store, nc, js, event)
             if msg is not None:
                 await msg.ack()
+
+    async def _reconcile_backlog(self, store: StateStore, nc: NATS, js: JetStreamContext, *,
+                                 at_start: bool) -> None:
+        """Feed the policy what waits in HS_REQUESTS that it does not know (see `backlog`).
+
+        Runs between events (in the processing loop, or before it starts), so `self.state`
+        reflects every event decided so far; a failed read skips this check, not the loop.
+        """
+        self._last_backlog_check = time.monotonic()
+        try:
+            counts = await backlog.read_counts(js, self.state.models)
+            found: list[tuple[str, list[str]]] = []
+            for model in backlog.models_to_scan(self.state, counts, all_waiting=at_start):
+                found.append((model, await backlog.read_request_ids(
+                    js, model, first_seq=counts.first_seq)))
+        except (NatsError, TimeoutError) as exc:
+            logger.warning("could not read the request backlog: %s", exc)
+            return
+        if at_start:
+            logger.info("request backlog at start: %s",
+                        dict(sorted(counts.counts.items())) or "none")
+        for model, request_ids in found:
+            arrived = backlog.arrivals(self.state, model, request_ids)
+            if arrived:
+                logger.log(logging.INFO if at_start else logging.WARNING,
+                           "model %s: %d requests waiting in %s that the policy did not "
+                           "know of (%s); treating them as arrived", model, len(arrived),
+                           "the backlog at start" if at_start else "the stream",
+                           ", ".join(e.request_id for e in arrived[:5])
+                           + (", ..." if len(arrived) > 5 else ""))
+            for event in arrived:
+                await self._decide(store, nc, js, event)
+        if at_start:
+            return
+        for done in backlog.stale_requests(self.state, counts):
+            logger.info("request %s is no longer in the request stream; ending it",
+                        done.request_id)
+            await self._decide(store, nc, js, done)
 
     async def _decide(self, store: StateStore, nc: NATS, js: JetStreamContext,
                       event: policy_events.Event) -> None:
