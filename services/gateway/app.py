@@ -27,6 +27,7 @@ from services.gateway.auth import ApiKeyAuth
 from services.gateway.broker import RequestBroker
 from services.gateway.completions import CompletionService
 from services.gateway.errors import install_error_handlers
+from services.gateway.progress import ProgressWatcher
 from services.gateway.registry import DatabaseModelRegistry, ModelRegistry, Registry
 from services.gateway.routes import GatewayServices, router
 from services.gateway.storage_client import StorageClient
@@ -79,7 +80,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> FastA
             admin = (AdminService(database.sessionmaker, storage, EventPublisher(nc))
                      if database is not None else None)
             app.state.services = GatewayServices(
-                auth=auth, registry=registry, completions=CompletionService(broker, registry),
+                auth=auth, registry=registry,
+                completions=CompletionService(broker, registry, progress=ProgressWatcher(nc)),
                 admin=admin)
             logger.info("gateway serving %d model(s) over NATS at %s (models from %s)",
                         len(await registry.list()), settings.nats.url,

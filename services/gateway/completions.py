@@ -1,13 +1,20 @@
 """Completions and chat completions: OpenAI request in, GenerateRequest on the bus, answer out.
 
 Knows nothing of HTTP: it returns either a whole response body or the server-sent events of
-a stream. A streamed response is only started once the first chunk has arrived, so an error
-before the first token (a refused prompt, a timeout) still gets its own HTTP status; an error
-after that ends the stream with an error event.
+a stream. A streamed response is started once the first chunk has arrived, so an error before
+the first token (a refused prompt, a timeout) still gets its own HTTP status; an error after
+that ends the stream with an error event.
+
+A streamed request still waiting after `progress_after_s` (a cold start, a long queue) gets
+its response started anyway: SSE comments report the model's cold-start progress
+(`services.gateway.progress`) and keep the connection alive until the first token. An error
+or timeout before the first token then ends the stream with an error event (and `[DONE]`),
+as a stall after it does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +24,13 @@ from typing import Any
 import anyio
 
 from libs.common.errors import HydraError, ServiceUnavailableError
-from libs.common.messages import ChatMessage, GenerateRequest, SamplingOptions, TokenChunk
+from libs.common.messages import (
+    ChatMessage,
+    Event,
+    GenerateRequest,
+    SamplingOptions,
+    TokenChunk,
+)
 from services.gateway.auth import Identity
 from services.gateway.broker import AnswerStream, RequestBroker
 from services.gateway.errors import to_openai
@@ -30,11 +43,25 @@ from services.gateway.formatting import (
     ResponseFormat,
     sse,
 )
+from services.gateway.progress import (
+    KEEPALIVE_TEXT,
+    ProgressFeed,
+    ProgressWatcher,
+    comment,
+    is_cold_start_event,
+    progress_comment,
+    queued_comment,
+)
 from services.gateway.registry import Registry
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 # The finish reasons a client may see; the others ("abort", "error") are failures.
 _CLIENT_FINISH_REASONS = ("stop", "length")
+# A streamed request with no first token after this long starts its response with progress
+# comments (a warm answer comes well within it, with its errors' HTTP statuses intact).
+PROGRESS_AFTER_S = 1.0
+# the longest a progress stream stays silent: then it sends `: waiting`
+KEEPALIVE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,9 +74,16 @@ class Reply:
 
 
 class CompletionService:
-    def __init__(self, broker: RequestBroker, registry: Registry) -> None:
+    def __init__(self, broker: RequestBroker, registry: Registry, *,
+                 progress: ProgressWatcher | None = None,
+                 progress_after_s: float = PROGRESS_AFTER_S,
+                 keepalive_s: float = KEEPALIVE_S) -> None:
         self._broker = broker
         self._registry = registry
+        # None: no progress comments; a streamed response starts with its first token
+        self._progress = progress
+        self._progress_after_s = progress_after_s
+        self._keepalive_s = keepalive_s
 
     async def complete(self, body: CompletionRequest, identity: Identity, *,
                        request_id: str) -> Reply:
@@ -93,17 +127,97 @@ class CompletionService:
                    include_usage: bool) -> Reply:
         ctx = ResponseContext(request.request_id, int(request.created), request.model,
                               include_usage)
-        answer = await self._broker.submit(request)
+        # subscribed before the request is queued, so no event of its cold start is missed
+        feed = (await self._progress.watch(request.model)
+                if request.stream and self._progress is not None else None)
         try:
-            first = await anext(answer)
+            answer = await self._broker.submit(request)
+        except BaseException:
+            await _close_feed(feed)
+            raise
+        first_task = asyncio.ensure_future(_next(answer))
+        try:
+            if feed is not None:
+                await asyncio.wait({first_task}, timeout=self._progress_after_s)
+                if not first_task.done():
+                    return Reply(request.request_id, events=_progress_then_stream(
+                        fmt, ctx, feed, first_task, answer, keepalive_s=self._keepalive_s))
+                await _close_feed(feed)
+            first = await first_task
             _raise_if_failed(first)
             if not request.stream:
                 return Reply(request.request_id, body=fmt.full(ctx, await _collect(first,
                                                                                     answer)))
         except BaseException:
+            first_task.cancel()
+            await _close_feed(feed)
             await _close(answer)
             raise
         return Reply(request.request_id, events=_stream(fmt, ctx, first, answer))
+
+
+async def _next(answer: AnswerStream) -> TokenChunk:
+    return await anext(answer)
+
+
+async def _progress_then_stream(fmt: ResponseFormat, ctx: ResponseContext, feed: ProgressFeed,
+                                first_task: asyncio.Future[TokenChunk], answer: AnswerStream,
+                                *, keepalive_s: float) -> AsyncIterator[str]:
+    """Progress comments until the first chunk, then the stream as `_stream` sends it."""
+    said: list[str] = []
+
+    def new_comments(events: list[Event]) -> list[str]:
+        # each event's text once in a row (a repeated percentage is not news)
+        texts = []
+        for event in events:
+            text = progress_comment(event)
+            if text is not None and text != (said[-1] if said else None):
+                said.append(text)
+                texts.append(comment(text))
+        return texts
+
+    try:
+        earlier = feed.drain()
+        yield comment(queued_comment(ctx.model, cold_start=any(
+            is_cold_start_event(event) for event in earlier)))
+        for part in new_comments(earlier):
+            yield part
+        last_sent = time.monotonic()
+        while not first_task.done():
+            getter = asyncio.ensure_future(feed.events.get())
+            timeout = max(0.0, last_sent + keepalive_s - time.monotonic())
+            try:
+                await asyncio.wait({first_task, getter}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                getter.cancel()
+            parts = (new_comments([getter.result()])
+                     if getter.done() and not getter.cancelled() else [])
+            if not parts and time.monotonic() - last_sent >= keepalive_s \
+                    and not first_task.done():
+                parts = [comment(KEEPALIVE_TEXT)]
+            for part in parts:
+                yield part
+                last_sent = time.monotonic()
+        # what arrived together with the first chunk still comes before it
+        for part in new_comments(feed.drain()):
+            yield part
+        await _close_feed(feed)
+        try:
+            first = first_task.result()
+            _raise_if_failed(first)
+        except HydraError as exc:  # refused, or no first token in time
+            yield sse(to_openai(exc))
+            yield DONE
+            return
+        async for part in _stream(fmt, ctx, first, answer):
+            yield part
+    finally:
+        if first_task.done() and not first_task.cancelled():
+            first_task.exception()  # retrieved: a client that hung up never sees it
+        first_task.cancel()
+        await _close_feed(feed)
+        await _close(answer)
 
 
 async def _collect(first: TokenChunk, answer: AnswerStream) -> Answer:
@@ -159,6 +273,12 @@ def _raise_if_failed(chunk: TokenChunk) -> None:
     if chunk.is_last and chunk.finish_reason not in _CLIENT_FINISH_REASONS:
         raise ServiceUnavailableError(f"The request ended early ({chunk.finish_reason}); "
                                       "please retry.")
+
+
+async def _close_feed(feed: ProgressFeed | None) -> None:
+    if feed is not None:
+        with anyio.CancelScope(shield=True):
+            await feed.close()
 
 
 async def _close(answer: AnswerStream) -> None:

@@ -64,12 +64,12 @@ def to_policy_event(event: Event) -> policy.Event | None:
 
 
 def to_outgoing(command: policy.Command, *, storage_url: str,
-                storage_model: str | None = None) -> Outgoing | None:
+                storage_model: str | None = None, epoch: str = "") -> Outgoing | None:
     """The command message and event for a policy command; None if it needs no message."""
     match command:
         case policy.PlaceWorker():
             message = PlaceWorkerCommand(
-                command_id=f"place-w{command.worker_id}", worker_id=str(command.worker_id),
+                command_id=f"place-w{command.worker_id}-{epoch}", worker_id=str(command.worker_id),
                 endpoint_id=str(command.endpoint_id), node_id=command.node_id,
                 model=command.model, degree=command.pipeline_degree, stage=command.stage,
                 start_layer=command.start_layer, end_layer=command.end_layer,
@@ -85,7 +85,7 @@ def to_outgoing(command: policy.Command, *, storage_url: str,
             return Outgoing(command_subject("node", command.node_id), message,
                             message.command_id, event)
         case policy.StopWorker():
-            stop = StopWorkerCommand(command_id=f"stop-w{command.worker_id}",
+            stop = StopWorkerCommand(command_id=f"stop-w{command.worker_id}-{epoch}",
                                      worker_id=str(command.worker_id), node_id=command.node_id)
             event = Event(kind=EventKind.WORKER_STOP_REQUESTED, worker_id=stop.worker_id,
                           node_id=command.node_id)

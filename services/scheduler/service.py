@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,6 +82,11 @@ class SchedulerService:
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._queue: asyncio.Queue[tuple[policy_events.Event, Msg | None]] = asyncio.Queue()
         self._last_backlog_check = 0.0
+        # Worker ids restart at 1 with a fresh database, so command ids carry this process's
+        # epoch: JetStream's duplicate window must not drop a new placement as a repeat of an
+        # old cluster's. A command re-sent after a crash gets a new id; the node agent is
+        # idempotent per worker id.
+        self._epoch = uuid.uuid4().hex[:8]
 
     async def run(self, stop: asyncio.Event) -> int:
         await upgrade_async(self.config.database_url)
@@ -228,7 +234,8 @@ class SchedulerService:
                     command: policy_events.Command) -> None:
         model = command.model if isinstance(command, policy_events.PlaceWorker) else None
         outgoing = to_outgoing(command, storage_url=self.config.storage_url,
-                               storage_model=self._storage_names.get(model or ""))
+                               storage_model=self._storage_names.get(model or ""),
+                               epoch=self._epoch)
         if outgoing is None:
             if isinstance(command, policy_events.MarkNodeDown):
                 await publish_event(nc, Event(kind=EventKind.NODE_DOWN,
