@@ -46,6 +46,24 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+# `hydraserve <service> ...` runs one service: the module's own command line
+SERVICES: dict[str, str] = {
+    "gateway": "services.gateway",
+    "scheduler": "services.scheduler",
+    "node-agent": "services.prefetcher",
+    "storage": "services.storage",
+    "worker": "services.worker",
+}
+
+
+def _run_service(name: str, service_args: list[str]) -> int:
+    import runpy
+
+    sys.argv = [f"hydraserve {name}", *service_args]
+    runpy.run_module(SERVICES[name], run_name="__main__", alter_sys=True)
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from hydraserve.up import run_up
 
@@ -57,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hydraserve", description="HydraServe: serverless LLM serving with fast cold starts."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, module in SERVICES.items():
+        service = commands.add_parser(
+            name, help=f"run the {name} service alone (python -m {module})", add_help=False,
+            description=f"Run {module}; every argument goes to it (try --help).")
+        # listed for --help; main() hands the arguments to the module before argparse
+        service.add_argument("service_args", nargs=argparse.REMAINDER)
 
     up = commands.add_parser(
         "up", help="run the whole system on this machine",
@@ -124,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:
+        return _run_service(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     return handler(args)

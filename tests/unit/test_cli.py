@@ -51,3 +51,14 @@ def test_generate_names_a_missing_model_folder_and_exits_2(
 ) -> None:
     assert main(["generate", str(tmp_path / "nope"), "hi"]) == 2
     assert f"model folder '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "module"), [("storage", "services.storage"),
+                                                 ("node-agent", "services.prefetcher")])
+def test_a_service_command_hands_its_arguments_to_the_service(
+    command: str, module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module}")
