@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,12 +178,21 @@ def database_url() -> Iterator[str]:
             yield stack.enter_context(server).url
 
 
+@contextmanager
+def temporary_database(server_url: str, prefix: str) -> Iterator[str]:
+    """Async URL of a new empty database on the server of `server_url`, dropped on exit."""
+    url = _create_database(server_url, prefix)
+    try:
+        yield url
+    finally:
+        _drop_database(server_url, _database_name(url))
+
+
 @pytest.fixture
 def fresh_database_url(database_url: str) -> Iterator[str]:
     """Async URL of a new empty database on the session's server, dropped after the test."""
-    url = _create_database(database_url, "hs_fresh")
-    yield url
-    _drop_database(database_url, _database_name(url))
+    with temporary_database(database_url, "hs_fresh") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from libs.common.bus import ensure_streams
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
-from tests.conftest import _create_database, _database_name, _drop_database
+from tests.conftest import temporary_database
 from tests.e2e.conftest import USER_KEY
 from tests.processes import free_port, spawn, stop, tail, wait_for_http
 
@@ -142,9 +142,8 @@ async def _wait_for_consumer(nats_url: str, name: str, process: subprocess.Popen
 
 @pytest.fixture(scope="module")
 def cold_database_url(database_url: str) -> Iterator[str]:
-    url = _create_database(database_url, "hs_cold")
-    yield url
-    _drop_database(database_url, _database_name(url))
+    with temporary_database(database_url, "hs_cold") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from libs.common.bus import ensure_streams
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
 from libs.common.subjects import EVENTS_STREAM, REQUESTS_STREAM, event_subject, request_subject
-from tests.conftest import _create_database, _database_name, _drop_database
+from tests.conftest import temporary_database
 from tests.e2e.conftest import USER_KEY
 from tests.e2e.test_cold_start import (
     PROMPT,
@@ -152,9 +152,8 @@ def events_of(stack: Stack, kind: str, model: str) -> list[Event]:
 
 @pytest.fixture(scope="module")
 def restart_database_url(database_url: str) -> Iterator[str]:
-    url = _create_database(database_url, "hs_restart")
-    yield url
-    _drop_database(database_url, _database_name(url))
+    with temporary_database(database_url, "hs_restart") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
