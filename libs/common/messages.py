@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -158,6 +159,22 @@ class EventKind:
     FETCH_PROGRESS = "fetch.progress"
     FETCH_DONE = "fetch.done"
     FETCH_FAILED = "fetch.failed"
+    # --- pipelines and consolidation (issue 4) ---
+    # scheduler: every stage of a degree > 1 endpoint is ready ("neighbours ready"); the
+    # stage-0 worker starts serving. data: {"degree": p, "stages": [PipelineStage, ...]}
+    ENDPOINT_PIPELINE_READY = "endpoint.pipeline_ready"
+    # scheduler: the full-size worker (always stage 0) is to take over the whole model.
+    # data: ConsolidateCommand fields (degree, stages to fetch, partial worker ids)
+    ENDPOINT_CONSOLIDATE = "endpoint.consolidate"
+    # stage-0 worker: asked the other stages for the KV cache of its running sequences
+    KV_HANDOVER = "kv.handover"
+    # a partial stage sent its KV to the stage-0 worker (data: num_seqs, num_bytes)
+    KV_EXPORTED = "kv.exported"
+    # the stage-0 worker imported every stage's KV (data: num_seqs, num_bytes, pause_s)
+    KV_MIGRATED = "kv.migrated"
+    # the full-size worker now serves the whole model alone; the scheduler releases the
+    # partial workers (worker.stop_requested) on this event
+    WORKER_CONSOLIDATED = "worker.consolidated"
 
 
 class Event(Message):
@@ -201,6 +218,11 @@ class PlaceWorkerCommand(Message):
     end_layer: int = Field(ge=1)
     # GPU memory reserved for the worker (weights + KV cache)
     gpu_bytes: int = Field(ge=0)
+    # sized for the whole model: the stage-0 worker that survives consolidation
+    is_full_size: bool = True
+    # True: fetch and launch at once, the worker loads behind the watermark (HydraServe and
+    # `single_worker`). False: fetch the whole partition, then launch (`serverless_vllm`).
+    overlap: bool = True
     # the model store the partition comes from; None: the node agent's own setting
     storage_url: str | None = None
     # the model's name in that store (`models.storage_path`); None: the same as `model`
@@ -222,11 +244,56 @@ class StopWorkerCommand(Message):
     issued_at: float = Field(default_factory=time.time)
 
 
-NodeCommand = Annotated[PlaceWorkerCommand | StopWorkerCommand, Field(discriminator="type")]
-_NODE_COMMAND: TypeAdapter[PlaceWorkerCommand | StopWorkerCommand] = TypeAdapter(NodeCommand)
+class ConsolidateCommand(Message):
+    """Fetch the layers a full-size worker lacks, so it can take over the whole model.
+
+    Sent to the full-size (stage-0) worker's node agent, which pulls partitions
+    `degree`/`stages` into shared memory next to the worker's own partition
+    (`consolidation_partition(...)`), behind watermarks. The worker learns of it from the
+    `endpoint.consolidate` event and loads those files as their bytes arrive. Idempotent.
+    """
+
+    type: Literal["consolidate"] = "consolidate"
+    command_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    worker_id: str = Field(min_length=1)
+    endpoint_id: str = Field(min_length=1)
+    node_id: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    # the pipeline's degree, and the stages (of that degree's partitioning) to fetch
+    degree: int = Field(ge=2)
+    stages: list[int] = Field(min_length=1)
+    # the workers of those stages, released once the consolidated worker serves alone
+    partial_worker_ids: list[str] = Field(default_factory=list)
+    storage_url: str | None = None
+    storage_model: str | None = None
+    issued_at: float = Field(default_factory=time.time)
 
 
-def parse_node_command(data: bytes) -> PlaceWorkerCommand | StopWorkerCommand:
+class PipelineStage(Message):
+    """One stage of a pipeline endpoint, in `endpoint.pipeline_ready`."""
+
+    worker_id: str
+    node_id: str
+    stage: int = Field(ge=0)
+    start_layer: int = Field(ge=0)
+    end_layer: int = Field(ge=1)
+
+
+def consolidation_partition(worker_partition: str | Path, degree: int, stage: int) -> Path:
+    """Where a consolidating worker's node agent puts stage `stage` of a degree-`degree`
+    partitioning: next to the worker's own partition file."""
+    own = Path(worker_partition)
+    return own.with_name(f"{own.stem}-d{degree}s{stage}.safetensors")
+
+
+NodeCommand = Annotated[PlaceWorkerCommand | StopWorkerCommand | ConsolidateCommand,
+                        Field(discriminator="type")]
+_NODE_COMMAND: TypeAdapter[PlaceWorkerCommand | StopWorkerCommand | ConsolidateCommand] = \
+    TypeAdapter(NodeCommand)
+
+
+def parse_node_command(data: bytes) -> PlaceWorkerCommand | StopWorkerCommand | \
+        ConsolidateCommand:
     """A command message from `hs.cmd.node.<id>` (raises pydantic.ValidationError)."""
     return _NODE_COMMAND.validate_json(data)
 
