@@ -8,6 +8,7 @@
   `hs.evt.<entity>.<verb>.<model>` (`_` where an event concerns no model), so a consumer can
   filter by kind (`hs.evt.worker.ready.*`) or by model (`hs.evt.*.*.<model>`).
 - Commands: JetStream stream `HS_COMMANDS`, `hs.cmd.node.<node_id>` / `hs.cmd.worker.<id>`.
+- Pipeline data plane: core NATS, `hs.pipe.<endpoint_id>.<stage>` (`pipe_subject`).
 
 Names that come from users (model names such as `meta-llama/Llama-2-7b-chat-hf`, ids) may hold
 characters a subject token cannot (`.`, `*`, `>`, whitespace) or a consumer name cannot (`/`).
@@ -94,3 +95,17 @@ def event_filter(kind: str | None = None, model: str | None = None) -> str:
 def command_subject(target: Literal["node", "worker"], target_id: str) -> str:
     """Commands for one node agent or one worker: `hs.cmd.<node|worker>.<id token>`."""
     return f"{COMMANDS_PREFIX}.{target}.{encode_token(target_id)}"
+
+
+PIPE_PREFIX = "hs.pipe"
+
+
+def pipe_subject(endpoint_id: str, stage: int) -> str:
+    """The data-plane inbox of one stage of a pipeline endpoint: `hs.pipe.<endpoint>.<stage>`.
+
+    Core NATS (no stream): activations flow stage s -> s + 1, sampled tokens and KV hand-over
+    from every stage back to stage 0, whose inbox is stage 0's subject.
+    """
+    if stage < 0:
+        raise ValueError(f"a stage index is >= 0, got {stage}")
+    return f"{PIPE_PREFIX}.{encode_token(endpoint_id)}.{stage}"

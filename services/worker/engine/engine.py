@@ -10,6 +10,7 @@ sit behind it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from services.worker.engine.attention import ForwardBatch
 from services.worker.engine.config import EngineConfig, ModelConfig
 from services.worker.engine.errors import ContextLengthError, InvalidRequestError
 from services.worker.engine.handover import KVPart, SequenceSnapshot
@@ -40,6 +42,13 @@ class LLMEngine:
                  seed: int = 0) -> None:
         _check_chain(runners)
         self.runners = runners
+        # The stages stop short of the last layer: the rest of the model runs in other
+        # processes (a pipeline), which see this engine's slot moves and finished requests
+        # through `pending_slot_moves` / `pending_finished`.
+        self.is_partial = not runners[-1].stage.is_last
+        self.pending_slot_moves: list[SlotMove] = []
+        self.pending_finished: list[str] = []
+        self._step_ids = itertools.count()
         self.tokenizer = tokenizer
         self.model_config = runners[0].model_config
         self._rng = torch.Generator().manual_seed(seed)
@@ -96,7 +105,7 @@ class LLMEngine:
             int(torch.randint(2**62, (1,), generator=self._rng))
         seq = Sequence(
             request_id=request_id, prompt_token_ids=prompt_ids, params=params,
-            max_output_tokens=max_output,
+            max_output_tokens=max_output, seed=seed,
             generator=torch.Generator().manual_seed(seed),
             detokenizer=self._detokenizer(prompt_ids, params),
         )
@@ -125,9 +134,21 @@ class LLMEngine:
     # --- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        batch = self._scheduler.schedule()
-        if batch is None:
+        """Schedule a batch, run it through every stage, sample, and append the tokens."""
+        if self.is_partial:
+            raise RuntimeError("a partial engine's steps go through its pipeline driver")
+        plan = self.schedule_step()
+        if plan is None:
             return []
+        hidden = self.run_stages(plan)
+        token_ids = sample(self.runners[-1].logits(hidden, plan.forward), plan.seqs)
+        return self.finish_step(plan, token_ids)
+
+    def schedule_step(self, *, busy: Collection[str] = ()) -> StepPlan | None:
+        """The next batch and its model inputs; sequences in `busy` are left out."""
+        batch = self._scheduler.schedule(busy=busy)
+        if batch is None:
+            return None
         seqs = batch.seqs
         if batch.is_prefill:
             chunks = [seq.prompt_token_ids[seq.num_cached:] + seq.output_token_ids
@@ -141,16 +162,28 @@ class LLMEngine:
             is_prefill=batch.is_prefill, slot_ids=[seq.slot for seq in seqs],  # type: ignore[misc]
             context_lens=[seq.num_cached for seq in seqs], query_lens=query_lens,
         )
-        hidden = input_ids
+        for seq, num_new in zip(seqs, query_lens, strict=True):
+            seq.num_in_flight = num_new
+        return StepPlan(next(self._step_ids), seqs, input_ids, forward)
+
+    @torch.inference_mode()
+    def run_stages(self, plan: StepPlan) -> torch.Tensor:
+        """This engine's stages on the plan's inputs: hidden states [num_tokens, hidden]."""
+        hidden = plan.input_ids
         for runner in self.runners:
-            hidden = runner.forward(hidden, forward)
-        token_ids = sample(self.runners[-1].logits(hidden, forward), seqs)
+            hidden = runner.forward(hidden, plan.forward)
+        return hidden
+
+    def finish_step(self, plan: StepPlan, token_ids: list[int]) -> list[RequestOutput]:
+        """Append the sampled tokens; sequences aborted while the step ran are skipped."""
+        live = [(seq, token_id) for seq, token_id in zip(plan.seqs, token_ids, strict=True)
+                if self._seqs.get(seq.request_id) is seq]
         # Count every sequence's new cache entries before any finishes: a finishing sequence
         # moves the last one into its slot, and that copy must include this step's entry.
-        for seq, num_new in zip(seqs, query_lens, strict=True):
-            seq.num_cached += num_new
-        return [self._append_token(seq, token_id)
-                for seq, token_id in zip(seqs, token_ids, strict=True)]
+        for seq, _ in live:
+            seq.num_cached += seq.num_in_flight
+            seq.num_in_flight = 0
+        return [self._append_token(seq, token_id) for seq, token_id in live]
 
     def _append_token(self, seq: Sequence, token_id: int) -> RequestOutput:
         seq.output_token_ids.append(token_id)
@@ -185,11 +218,60 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self._seqs[seq.request_id]
+        if self.is_partial:
+            self.pending_finished.append(seq.request_id)
 
     def _apply_slot_move(self, move: SlotMove) -> None:
         for runner in self.runners:
             assert runner.kv_cache is not None
             runner.kv_cache.move_slot(move.src, move.dst, move.length)
+        if self.is_partial:
+            self.pending_slot_moves.append(move)
+
+    def take_pending(self) -> tuple[list[SlotMove], list[str]]:
+        """Slot moves and finished request ids since the last call (for the other stages)."""
+        moves, finished = self.pending_slot_moves, self.pending_finished
+        self.pending_slot_moves, self.pending_finished = [], []
+        return moves, finished
+
+    # --- consolidation -------------------------------------------------------------------------
+    def running_sequences(self) -> list[Sequence]:
+        """The sequences holding KV slots, by slot."""
+        return list(self._scheduler.running)
+
+    def complete_with(self, runners: list[ModelRunner],
+                      kv: dict[str, SequenceSnapshot]) -> None:
+        """Become a whole-model engine: append loaded `runners` for the remaining layers and
+        fill their caches from the other stages' snapshots (one per running sequence, with
+        the last stage's generator state), at the same slots.
+
+        The caller makes sure no step is in flight.
+        """
+        chain = [*self.runners, *runners]
+        _check_chain(chain)
+        if not chain[-1].stage.is_last:
+            raise ValueError("the added stages must end at the model's last layer")
+        for runner in runners:
+            assert runner.kv_cache is not None, "load the added stages first"
+            if runner.kv_cache.num_slots < self._scheduler.num_slots:
+                raise ValueError(f"stage [{runner.stage.start_layer}, {runner.stage.end_layer})"
+                                 f" has {runner.kv_cache.num_slots} KV slots, the engine uses "
+                                 f"{self._scheduler.num_slots}")
+        for seq in self._scheduler.running:
+            snapshot = kv.get(seq.request_id)
+            if snapshot is None or snapshot.num_cached != seq.num_cached:
+                raise ValueError(f"no KV snapshot of {seq.request_id!r} at {seq.num_cached} "
+                                 "tokens")
+            assert seq.slot is not None
+            for runner in runners:
+                keys, values = snapshot.kv_for_layers(runner.stage.start_layer,
+                                                      runner.stage.end_layer)
+                assert runner.kv_cache is not None
+                runner.kv_cache.import_slot(seq.slot, keys, values)
+            seq.generator.set_state(snapshot.generator_state)
+        self.runners = chain
+        self.is_partial = False
+        self.pending_slot_moves, self.pending_finished = [], []
 
     # --- KV hand-over --------------------------------------------------------------------------
     def export_sequence(self, request_id: str, *, remove: bool = False) -> SequenceSnapshot:
@@ -226,6 +308,7 @@ class LLMEngine:
         seq = Sequence(
             request_id=snapshot.request_id, prompt_token_ids=list(snapshot.prompt_token_ids),
             params=snapshot.params, max_output_tokens=snapshot.max_output_tokens,
+            seed=snapshot.params.seed or 0,
             generator=generator, detokenizer=self._detokenizer(snapshot.prompt_token_ids,
                                                                snapshot.params),
             output_token_ids=list(snapshot.output_token_ids), num_cached=snapshot.num_cached,
@@ -305,6 +388,17 @@ class LLMEngine:
 
 
 @dataclass
+class StepPlan:
+    """One scheduled step: which sequences, their input token ids and batch layout."""
+
+    step_id: int
+    seqs: list[Sequence]
+    # [num_tokens] token ids (prefill: every pending token of each sequence; decode: one each)
+    input_ids: torch.Tensor
+    forward: ForwardBatch
+
+
+@dataclass
 class Completion:
     """A whole request's result, for `generate`."""
 
@@ -348,8 +442,8 @@ def _output(seq: Sequence, new_token_ids: list[int], text: str) -> RequestOutput
 def _check_chain(runners: list[ModelRunner]) -> None:
     if not runners:
         raise ValueError("an engine needs at least one stage")
-    if not runners[0].stage.is_first or not runners[-1].stage.is_last:
-        raise ValueError("the stages must start at layer 0 and end at the last layer")
+    if not runners[0].stage.is_first:
+        raise ValueError("the stages must start at layer 0")
     for a, b in itertools.pairwise(runners):
         if a.stage.end_layer != b.stage.start_layer:
             raise ValueError(f"stage [{a.stage.start_layer}, {a.stage.end_layer}) is not "

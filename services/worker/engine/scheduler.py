@@ -10,6 +10,7 @@ the engine applies to every stage's cache.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from services.worker.engine.sequence import Sequence, SequenceStatus
@@ -52,7 +53,8 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, *, busy: Collection[str] = ()) -> ScheduledBatch | None:
+        """The next batch; sequences in `busy` (a pipeline step in flight) sit it out."""
         if self.waiting and self.can_admit():
             admitted: list[Sequence] = []
             num_tokens = 0
@@ -66,8 +68,10 @@ class Scheduler:
                 admitted.append(seq)
                 num_tokens += pending
             return ScheduledBatch(is_prefill=True, seqs=admitted)
-        if self.running:
-            return ScheduledBatch(is_prefill=False, seqs=list(self.running))
+        ready = [seq for seq in self.running if seq.request_id not in busy] if busy \
+            else list(self.running)
+        if ready:
+            return ScheduledBatch(is_prefill=False, seqs=ready)
         return None
 
     def remove(self, seq: Sequence) -> SlotMove | None:
@@ -81,6 +85,8 @@ class Scheduler:
         if last is seq:
             return None
         self.running[index] = last
-        move = SlotMove(src=len(self.running), dst=index, length=last.num_cached)
+        # a step in flight already wrote its entries into this stage's cache
+        move = SlotMove(src=len(self.running), dst=index,
+                        length=last.num_cached + last.num_in_flight)
         last.slot = index
         return move

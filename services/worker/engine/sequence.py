@@ -69,6 +69,11 @@ class Sequence:
     slot: int | None = None
     # tokens whose keys and values are in the KV cache
     num_cached: int = 0
+    # tokens of a step still in flight through a pipeline's other stages (their KV is in
+    # this stage's cache already; counted into num_cached when the step's token comes back)
+    num_in_flight: int = 0
+    # the seed of `generator`, so a pipeline's last stage can sample with the same stream
+    seed: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
