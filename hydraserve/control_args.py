@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 DEFAULT_API = "http://127.0.0.1:8000"
 
@@ -37,6 +38,8 @@ def add_events_parser(commands: SubParsers) -> argparse.ArgumentParser:
                           parents=[common])
     line.add_argument("request_id")
     line.add_argument("--since", help="read only events this recent (faster on a long stream)")
+    line.add_argument("--png", type=Path, default=None, metavar="PATH",
+                      help="also draw the cold start's stages as a Gantt chart into PATH")
     return events
 
 

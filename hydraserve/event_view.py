@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from libs.common.messages import Event
+from libs.common.messages import Event, EventKind
 from libs.common.subjects import event_filter
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -127,3 +127,184 @@ def format_timeline(entries: list[TimelineEntry]) -> list[str]:
     return [f"{entry.offset_s:+9.3f}s  {entry.event.kind:<24}  "
             f"{summarize_ids(entry.event)}  {summarize_data(entry.event.data)}".rstrip()
             for entry in entries]
+
+
+# --- a cold start, stage by stage -----------------------------------------------------------
+
+# the worker's start-up phases: (name, phases key it starts at, phases key it ends at)
+_WORKER_PHASES = (
+    ("imports", "process_started_at", "imports_done_at"),
+    ("engine import", "imports_done_at", "engine_imported_at"),
+    # waiting for the partition's first bytes, then building the stage on the meta device
+    ("build", "engine_imported_at", "load_started_at"),
+    ("load", "load_started_at", "loaded_at"),
+    ("engine ready", "loaded_at", "ready_at"),
+)
+# events drawn as instants, by the name the timeline gives them
+MARKER_KINDS = {
+    EventKind.ENDPOINT_PIPELINE_READY: "pipeline ready",
+    EventKind.REQUEST_FIRST_TOKEN: "first token",
+    EventKind.REQUEST_DONE: "request done",
+    EventKind.ENDPOINT_CONSOLIDATE: "consolidate",
+    EventKind.KV_HANDOVER: "kv handover",
+    EventKind.KV_EXPORTED: "kv exported",
+    EventKind.KV_MIGRATED: "kv migrated",
+    EventKind.WORKER_CONSOLIDATED: "consolidated",
+}
+_NO_STAGE = "-"
+
+
+@dataclass(frozen=True)
+class StageWorker:
+    stage: int
+    worker_id: str
+    start_layer: int | None
+    end_layer: int | None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """An interval of the cold start, in seconds since the request arrived."""
+
+    name: str
+    start_s: float
+    end_s: float
+    # None: the request's own phases (queue, prefill)
+    stage: int | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class Marker:
+    """An instant of the cold start (first token, consolidation steps)."""
+
+    name: str
+    at_s: float
+    # None: not tied to one stage's worker
+    stage: int | None = None
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    request_id: str
+    endpoint_id: str
+    stages: list[StageWorker]
+    # per stage in stage order (fetch first, then the worker's phases), then the request's
+    phases: list[Phase]
+    # in time order
+    markers: list[Marker]
+
+    @property
+    def degree(self) -> int:
+        return len(self.stages)
+
+
+def _first(events: list[Event], kind: str, **ids: str | None) -> Event | None:
+    return next((e for e in events if e.kind == kind
+                 and all(getattr(e, name) == value for name, value in ids.items())), None)
+
+
+def _time(event: Event | None) -> float | None:
+    return None if event is None else event.time
+
+
+def _stage_workers(endpoint_id: str, events: list[Event], until: float) -> list[StageWorker]:
+    """The endpoint's workers placed before `until`, one per stage (the first placed)."""
+    by_stage: dict[int, StageWorker] = {}
+    for event in events:
+        if (event.kind == EventKind.WORKER_PLACED and event.endpoint_id == endpoint_id
+                and event.worker_id is not None and event.time <= until):
+            stage = int(event.data.get("stage", 0))
+            by_stage.setdefault(stage, StageWorker(stage, event.worker_id,
+                                                   event.data.get("start_layer"),
+                                                   event.data.get("end_layer")))
+    return [by_stage[stage] for stage in sorted(by_stage)]
+
+
+def _stage_phases(worker: StageWorker, events: list[Event], arrival: float) -> list[Phase]:
+    """Fetch (from the node agent's events), then process start to engine ready (from the
+    worker's `phases`, unix times it records itself)."""
+    wid = worker.worker_id
+
+    def phase(name: str, start: float | None, end: float | None) -> list[Phase]:
+        if start is None or end is None:
+            return []
+        return [Phase(name, start - arrival, end - arrival, worker.stage)]
+
+    fetch_started = _first(events, EventKind.FETCH_STARTED, worker_id=wid)
+    fetch_done = _first(events, EventKind.FETCH_DONE, worker_id=wid)
+    placed = _first(events, EventKind.WORKER_PLACED, worker_id=wid)
+    launched = _first(events, EventKind.WORKER_LAUNCHED, worker_id=wid)
+    reported = (_first(events, EventKind.WORKER_READY, worker_id=wid)
+                or _first(events, EventKind.WORKER_STARTED, worker_id=wid))
+    moments: dict[str, float] = dict(reported.data.get("phases", {})) if reported else {}
+    # the process's own spawn time; the node agent's worker.launched comes just after it
+    spawned = moments.get("process_started_at", _time(launched))
+    phases = phase("fetch", _time(fetch_started), _time(fetch_done))
+    phases += phase("process start", _time(placed), spawned)
+    for name, start_key, end_key in _WORKER_PHASES:
+        phases += phase(name, moments.get(start_key), moments.get(end_key))
+    return phases
+
+
+def _request_phases(first_token: Event | None, arrival: float) -> list[Phase]:
+    """Queue (until a worker pulled it) and prefill, from request.first_token's timings,
+    which count from the gateway's acceptance."""
+    if first_token is None or "ttft_s" not in first_token.data:
+        return []
+    accepted = first_token.time - float(first_token.data["ttft_s"])
+    pulled = accepted + float(first_token.data.get("queue_s", 0.0))
+    return [Phase("queue", 0.0, pulled - arrival),
+            Phase("prefill", pulled - arrival, first_token.time - arrival)]
+
+
+def cold_start(request_id: str, events: Iterable[Event]) -> ColdStart | None:
+    """The per-stage phases of the endpoint that served the request: its workers placed
+    before the request finished. None if no endpoint or no placed worker is known."""
+    pool = sorted(events, key=lambda e: e.time)
+    own = [e for e in pool if e.request_id == request_id]
+    received = _first(own, EventKind.REQUEST_RECEIVED)
+    first_token = _first(own, EventKind.REQUEST_FIRST_TOKEN)
+    served = [e for e in own if e.kind in (EventKind.REQUEST_FIRST_TOKEN,
+                                           EventKind.REQUEST_DONE)]
+    endpoint_id = next((e.endpoint_id for e in served if e.endpoint_id is not None), None)
+    if endpoint_id is None:
+        return None
+    done = _first(own, EventKind.REQUEST_DONE)
+    stages = _stage_workers(endpoint_id, pool, done.time if done else own[-1].time)
+    if not stages:
+        return None
+    arrival = received.time if received else own[0].time
+    phases = [p for worker in stages for p in _stage_phases(worker, pool, arrival)]
+    phases += _request_phases(first_token, arrival)
+    stage_of = {worker.worker_id: worker.stage for worker in stages}
+    markers = [Marker(MARKER_KINDS[e.kind], e.time - arrival, stage_of.get(e.worker_id or ""))
+               for e in pool if e.kind in MARKER_KINDS
+               and (e.request_id == request_id if e.request_id is not None
+                    else e.endpoint_id == endpoint_id or e.worker_id in stage_of)]
+    return ColdStart(request_id, endpoint_id, stages, phases, markers)
+
+
+def format_cold_start(start: ColdStart) -> list[str]:
+    """An aligned table: one row per stage and phase, then the request's phases, then the
+    markers; times in seconds since the request arrived."""
+    worker_of = {w.stage: w.worker_id for w in start.stages}
+    width = max([len("worker"), *(len(w.worker_id) for w in start.stages)])
+
+    def row(stage: int | None, name: str, start_s: float, end_s: float | None) -> str:
+        label, worker = (_NO_STAGE, _NO_STAGE) if stage is None else (
+            str(stage), worker_of[stage])
+        times = f"{start_s:8.3f}" + ("" if end_s is None
+                                    else f"  {end_s:8.3f}  {end_s - start_s:8.3f}")
+        return f"{label:<5}  {worker:<{width}}  {name:<14}  {times}"
+
+    header = (f"request {start.request_id}  endpoint {start.endpoint_id}  "
+              f"degree {start.degree}  (seconds since request.received)")
+    columns = (f"{'stage':<5}  {'worker':<{width}}  {'phase':<14}  "
+               f"{'start':>8}  {'end':>8}  {'duration':>8}")
+    return [header, columns,
+            *(row(p.stage, p.name, p.start_s, p.end_s) for p in start.phases),
+            *(row(m.stage, m.name, m.at_s, None) for m in start.markers)]

@@ -3,7 +3,9 @@
 Each command reads with an ordered, ephemeral push consumer (no state left on the server),
 filtered server-side by subject (kind, model) and client-side by the other ids. `show` reads
 what is stored and exits; `tail` follows new events (or from `--since`) until interrupted or
-`--count` events have been printed; `timeline` renders one request's cold start.
+`--count` events have been printed; `timeline` renders one request's cold start: its
+events, and where the endpoint's placed workers are known, a table of each stage's phases
+(and with `--png`, a Gantt chart of them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 import nats
@@ -26,6 +29,8 @@ from pydantic import ValidationError
 
 from hydraserve.event_view import (
     EventFilter,
+    cold_start,
+    format_cold_start,
     format_event,
     format_timeline,
     parse_duration,
@@ -106,6 +111,35 @@ def _filter(args: argparse.Namespace) -> EventFilter:
                        endpoint_id=args.endpoint, since=_since(args))
 
 
+def show_timeline(request_id: str, events: list[Event], out: TextIO, *,
+                  png: Path | None = None) -> int:
+    """Print the request's per-stage cold-start table (when its endpoint's workers are
+    known) and its events; draw the table into `png` if given. 1 if there is nothing to
+    show or to draw."""
+    entries = timeline(request_id, events)
+    if not entries:
+        print(f"no events of request {request_id!r}", file=sys.stderr)
+        return 1
+    start = cold_start(request_id, events)
+    lines = [*format_cold_start(start), ""] if start is not None else []
+    for line in [*lines, *format_timeline(entries)]:
+        print(line, file=out)
+    if png is None:
+        return 0
+    if start is None:
+        print(f"error: no placed workers of request {request_id!r}'s endpoint to draw",
+              file=sys.stderr)
+        return 1
+    from hydraserve.gantt import write_gantt
+
+    try:
+        write_gantt(start, png)
+    except OSError as exc:
+        print(f"error: cannot write {png}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_events(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """The `events` subcommands; 1 on a bad argument or an unreachable bus."""
     if args.nats is None:  # read at the edge, only by the commands that need it
@@ -114,11 +148,8 @@ def run_events(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         if args.events_command == "timeline":
             events = asyncio.run(collect(args.nats, EventFilter(since=_since(args))))
-            lines = format_timeline(timeline(args.request_id, events))
-            if not lines:
-                print(f"no events of request {args.request_id!r}", file=sys.stderr)
-                return 1
-        elif args.events_command == "show":
+            return show_timeline(args.request_id, events, out, png=args.png)
+        if args.events_command == "show":
             lines = [format_event(e) for e in asyncio.run(collect(args.nats, _filter(args)))]
         else:
             asyncio.run(tail(args.nats, _filter(args), out, count=args.count))
