@@ -1,5 +1,6 @@
 """`python -m services.scheduler --nats URL --database-url URL --storage-url URL
-[--register-model NAME ...] [--keep-alive S] [--ttft-slo S] [--tpot-slo S]`: the control plane.
+[--policy hydraserve|single_worker|serverless_vllm] [--register-model NAME ...]
+[--keep-alive S] [--ttft-slo S] [--tpot-slo S]`: the control plane.
 
 Runs the migrations, rebuilds its view from Postgres, registers the named models (reading
 their size and layers from the model store) and schedules until SIGTERM/SIGINT. Exit codes:
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -19,8 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from libs.common.errors import HydraError
 from libs.common.settings import Settings
-from services.scheduler.placement import place_single_worker
-from services.scheduler.policy import Policy, PolicyConfig
+from services.scheduler.policy import DEFAULT_POLICY, POLICIES, PolicyConfig
 from services.scheduler.registration import ModelRegistration
 from services.scheduler.service import SchedulerConfig, SchedulerService
 
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nats", help="NATS URL (default: HYDRASERVE_NATS__URL)")
     parser.add_argument("--database-url", help="default: HYDRASERVE_DATABASE__URL")
     parser.add_argument("--storage-url", required=True, help="the model store's base URL")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default=DEFAULT_POLICY,
+                        help="the cold-start policy (DESIGN.md's baselines); default: "
+                             f"{DEFAULT_POLICY}")
     parser.add_argument("--register-model", action="append", default=[], metavar="NAME",
                         help="register (or update) a model imported into the store")
     parser.add_argument("--keep-alive", type=float, default=60.0,
@@ -64,8 +68,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nats_settings = settings.nats.model_copy(update={"url": args.nats} if args.nats else {})
-    policy = Policy(placer=place_single_worker,
-                    config=PolicyConfig(heartbeat_timeout_s=args.heartbeat_timeout))
+    policy = dataclasses.replace(
+        POLICIES[args.policy], config=PolicyConfig(heartbeat_timeout_s=args.heartbeat_timeout))
     service = SchedulerService(build_config(args, settings), nats=nats_settings,
                                bus=settings.bus, policy=policy)
     return await service.run(stop)

@@ -62,13 +62,14 @@ class Draft:
         self.requests = CowMap(state.requests)
         self.next_endpoint_id = state.next_endpoint_id
         self.next_worker_id = state.next_worker_id
+        self.calibration = state.calibration
         self.commands: list[Command] = []
 
     def freeze(self) -> ClusterState:
         return ClusterState(models=self.models.view, nodes=self.nodes.view,
                             endpoints=self.endpoints.view, workers=self.workers.view,
                             requests=self.requests.view, next_endpoint_id=self.next_endpoint_id,
-                            next_worker_id=self.next_worker_id)
+                            next_worker_id=self.next_worker_id, calibration=self.calibration)
 
     def new_endpoint_id(self) -> int:
         self.next_endpoint_id += 1

@@ -24,21 +24,43 @@ NUM_FULL_SIZE_WORKERS = 1
 class CostModel:
     """The constants the formulas need that are not properties of a model.
 
-    Both defaults are ASSUMPTIONS, to be replaced by measurements per GPU type and runtime
-    (the cold-start timeline of `hydraserve events`):
+    The defaults are ASSUMPTIONS, used until the policy has measured better (its
+    `Calibration`, from worker.ready and request.done):
     - `startup_s` = 2.0 s: what a cold start costs beyond the weight fetch when every start-up
       stage overlaps it: process spawn, the worker's lean imports and runtime init, engine
       build and the load of the tensors that arrive last.
     - `per_hop_s` = 2 ms: one stage-to-stage activation transfer per decode step.
+    - `prefill_s` = 0.25 s and `tpot_s` = 30 ms: a whole-model worker's prefill of a typical
+      prompt and its time per output token, for a model nothing has been measured of yet.
     """
 
     startup_s: float = 2.0
     per_hop_s: float = 0.002
+    prefill_s: float = 0.25
+    tpot_s: float = 0.03
 
     def __post_init__(self) -> None:
-        if self.startup_s < 0 or self.per_hop_s < 0:
-            raise ValueError(f"costs must be >= 0: startup_s={self.startup_s}, "
-                             f"per_hop_s={self.per_hop_s}")
+        if min(self.startup_s, self.per_hop_s, self.prefill_s, self.tpot_s) < 0:
+            raise ValueError(f"costs must be >= 0: {self}")
+
+
+@dataclass(frozen=True)
+class ColdStartInputs:
+    """Everything a placer estimates a cold start with besides the model and the nodes."""
+
+    startup_s: float
+    prefill_s: float
+    tpot_s: float
+    per_hop_s: float
+    # how long the model's oldest queued request has waited already
+    queue_wait_s: float = 0.0
+
+
+def moving_average(average: float | None, sample: float, *, weight: float) -> float:
+    """An exponential moving average: the first sample as is, then `weight` per new sample."""
+    if not 0 < weight <= 1:
+        raise ValueError(f"need 0 < weight <= 1, got {weight}")
+    return sample if average is None else (1 - weight) * average + weight * sample
 
 
 @dataclass(frozen=True)

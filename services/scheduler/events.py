@@ -37,10 +37,23 @@ class RequestStarted:
 @dataclass(frozen=True)
 class RequestDone:
     request_id: str
+    # measured by the worker that served it (None: not measured, e.g. expired or one token):
+    # pull to first token, and seconds per output token after the first
+    prefill_s: float | None = None
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
 class WorkerReady:
+    worker_id: int
+    # seconds from the worker's process start to ready (its own phases); None: not reported
+    startup_s: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConsolidated:
+    """The full-size worker serves the whole model alone; the partial stages can go."""
+
     worker_id: int
 
 
@@ -74,7 +87,7 @@ class Tick:
 
 
 Event = (ModelRegistered | RequestArrived | RequestStarted | RequestDone | WorkerReady
-         | WorkerStopped | NodeHeartbeat | NodeDown | Tick)
+         | WorkerConsolidated | WorkerStopped | NodeHeartbeat | NodeDown | Tick)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -94,6 +107,43 @@ class PlaceWorker:
     end_layer: int
     gpu_memory_bytes: int
     is_full_size: bool
+    # True: the worker launches at once and loads behind the fetch's watermark; False
+    # (`serverless_vllm`): fetch the whole partition, then launch
+    overlap: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    worker_id: int
+    node_id: str
+    stage: int
+    start_layer: int
+    end_layer: int
+
+
+@dataclass(frozen=True)
+class AnnouncePipeline:
+    """Every stage of a degree > 1 endpoint is ready: the stage-0 worker starts serving."""
+
+    endpoint_id: int
+    model: str
+    degree: int
+    stages: tuple[PipelineStage, ...]
+
+
+@dataclass(frozen=True)
+class Consolidate:
+    """Have the full-size (stage-0) worker fetch the other stages and take over the model."""
+
+    endpoint_id: int
+    worker_id: int
+    node_id: str
+    model: str
+    degree: int
+    # the stages (of the degree-`degree` partitioning) the worker lacks: 1 .. degree - 1
+    stages: tuple[int, ...]
+    # the workers of those stages, stopped once the worker reports consolidated
+    partial_worker_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -115,4 +165,5 @@ class RequeueRequests:
     request_ids: tuple[str, ...]
 
 
-Command = PlaceWorker | StopWorker | MarkNodeDown | RequeueRequests
+Command = (PlaceWorker | AnnouncePipeline | Consolidate | StopWorker | MarkNodeDown
+           | RequeueRequests)

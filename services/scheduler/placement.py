@@ -1,10 +1,9 @@
 """Where a cold start's workers go: the part of the policy that differs between baselines.
 
-A placer is a pure function `(nodes, model, now) -> plans | None`: one plan per pipeline
-stage, or None to defer (the request stays queued and placement is retried on the next
-event). `single_worker` is degree 1; the SLO-aware `hydraserve` placer (choose_degree over
-each node's available bandwidth, one full-size worker, partial workers on other nodes) plugs
-into the same `Policy` next.
+A placer is a pure function `(nodes, model, now, inputs) -> plans | None`: one plan per
+pipeline stage, or None to defer (the request stays queued and placement is retried on the
+next event). `place_single_worker` is degree 1 (`single_worker`, `serverless_vllm`);
+`place_pipeline` is HydraServe's SLO-aware choice of the degree.
 """
 
 from __future__ import annotations
@@ -13,7 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.scheduler.estimator import worker_gpu_bytes
+from services.scheduler.estimator import (
+    NUM_FULL_SIZE_WORKERS,
+    ColdStartInputs,
+    available_bandwidth,
+    estimate_tpot,
+    estimate_ttft,
+    worker_gpu_bytes,
+)
 from services.scheduler.state import ModelSpec, NodeState
 
 
@@ -31,12 +37,12 @@ class WorkerPlan:
 
 
 class Placer(Protocol):
-    def __call__(self, nodes: Mapping[str, NodeState], model: ModelSpec,
-                 now: float) -> tuple[WorkerPlan, ...] | None: ...
+    def __call__(self, nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
+                 inputs: ColdStartInputs) -> tuple[WorkerPlan, ...] | None: ...
 
 
-def place_single_worker(nodes: Mapping[str, NodeState], model: ModelSpec,
-                        now: float) -> tuple[WorkerPlan, ...] | None:
+def place_single_worker(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
+                        inputs: ColdStartInputs) -> tuple[WorkerPlan, ...] | None:
     """One whole-model worker on the up node with the most free GPU memory that holds it.
 
     Ties go to the smallest node id; None when no node has room.
@@ -52,3 +58,72 @@ def place_single_worker(nodes: Mapping[str, NodeState], model: ModelSpec,
     return (WorkerPlan(node_id=node.node_id, stage=0, start_layer=0, end_layer=model.num_layers,
                        gpu_memory_bytes=num_bytes, is_full_size=True,
                        fetch_bytes=model.size_bytes, fetch_bandwidth_bytes_per_s=share),)
+
+
+# HydraServe's cap on the pipeline degree (DESIGN.md: p <= 4)
+MAX_DEGREE = 4
+
+
+def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
+                   inputs: ColdStartInputs) -> tuple[WorkerPlan, ...] | None:
+    """The smallest pipeline degree whose TTFT and TPOT estimates meet the model's SLOs.
+
+    Degree p puts its stages on p different up nodes with bandwidth to give
+    (`available_bandwidth`), fastest first: stage 0 is the full-size worker (it survives
+    consolidation) on the fastest node that holds the whole model, stages 1.. are partial
+    workers on the fastest other nodes that hold ceil(total / p). The slowest chosen node
+    bounds the fetch. A degree whose layer boundaries the store did not give is skipped. When
+    no degree meets the SLOs the cold start falls back to one whole-model worker; None
+    (defer) when no node with bandwidth to give holds a whole copy.
+    """
+    full_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
+                                  kv_cache_bytes=model.kv_cache_bytes, degree=1,
+                                  is_full_size=True)
+    bandwidths = {n.node_id: available_bandwidth(
+        nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=n.fetches, now=now)
+        for n in nodes.values() if n.is_up}
+    # fastest first; then the most free memory, then the smallest id, so ties are deterministic
+    ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
+                    key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes, n.node_id))
+    head = next((n for n in ranked if n.free_gpu_memory_bytes >= full_bytes), None)
+    if head is None:
+        return None
+    for degree in range(1, min(model.max_pipeline_degree, MAX_DEGREE) + 1):
+        ranges = model.layer_ranges(degree)
+        if ranges is None:
+            continue
+        partial_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
+                                         kv_cache_bytes=model.kv_cache_bytes, degree=degree,
+                                         is_full_size=False)
+        rest = [n for n in ranked
+                if n.node_id != head.node_id and n.free_gpu_memory_bytes >= partial_bytes]
+        if len(rest) < degree - 1:
+            break
+        chosen = [head, *rest[:degree - 1]]
+        band = min(bandwidths[n.node_id] for n in chosen)
+        num_full_size = min(NUM_FULL_SIZE_WORKERS, degree)
+        ttft = estimate_ttft(size_bytes=model.size_bytes, degree=degree,
+                             bandwidth_bytes_per_s=band, num_full_size=num_full_size,
+                             prefill_s=inputs.prefill_s, startup_s=inputs.startup_s,
+                             queue_wait_s=inputs.queue_wait_s)
+        tpot = estimate_tpot(degree=degree, num_full_size=num_full_size, tpot_s=inputs.tpot_s,
+                             per_hop_s=inputs.per_hop_s)
+        if ttft <= model.ttft_slo_s and tpot <= model.tpot_slo_s:
+            return _stage_plans(model, chosen, ranges, bandwidths,
+                                full_bytes=full_bytes, partial_bytes=partial_bytes)
+    # No degree meets the SLOs: spend no more than one worker on a cold start that is late
+    # anyway.
+    return _stage_plans(model, [head], [(0, model.num_layers)], bandwidths,
+                        full_bytes=full_bytes, partial_bytes=full_bytes)
+
+
+def _stage_plans(model: ModelSpec, chosen: list[NodeState], ranges: list[tuple[int, int]],
+                 bandwidths: Mapping[str, float], *, full_bytes: int,
+                 partial_bytes: int) -> tuple[WorkerPlan, ...]:
+    degree = len(chosen)
+    return tuple(
+        WorkerPlan(node_id=node.node_id, stage=stage, start_layer=start, end_layer=end,
+                   gpu_memory_bytes=full_bytes if stage == 0 else partial_bytes,
+                   is_full_size=stage == 0, fetch_bytes=model.fetch_bytes(degree, stage),
+                   fetch_bandwidth_bytes_per_s=bandwidths[node.node_id])
+        for stage, (node, (start, end)) in enumerate(zip(chosen, ranges, strict=True)))

@@ -5,9 +5,18 @@ give the same decision whatever order a mapping was built in (live, replayed or 
 from Postgres). The service around it applies the commands and persists the new state.
 
 What every policy shares lives in `Policy`: request bookkeeping, worker life cycle, node
-heartbeats and failure, keep-alive (scale to zero). What differs between baselines is the
-placer (`services.scheduler.placement`): `single_worker` here; the SLO-aware pipeline placer
-is another `Policy(placer=...)` with the same `decide` signature.
+heartbeats and failure, keep-alive (scale to zero), pipeline announce and consolidation, and
+the calibration of the cost model from measurements. What differs between the baselines
+(`POLICIES`) is the placer (`services.scheduler.placement`) and two switches: whether the
+fetch overlaps the worker's start-up, and whether pipelines consolidate.
+
+Calibration: `WorkerReady.startup_s` is the worker's own span from process start to ready.
+With overlap the fetch runs inside that span, so the start-up constant of the TTFT formula
+(time beyond the fetch) is the span minus the worker's planned fetch time (bytes over the
+bandwidth it was placed with); without overlap the process starts after the fetch, so it is
+the span itself. `RequestDone.prefill_s` / `tpot_s` count only from requests a whole-model
+worker served (a degree-1 endpoint), since the formulas scale a whole worker's times. Each
+is a moving average (`PolicyConfig.ema_weight`).
 """
 
 from __future__ import annotations
@@ -16,13 +25,17 @@ from dataclasses import dataclass, field, replace
 
 from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
 from services.scheduler.draft import Draft
+from services.scheduler.estimator import ColdStartInputs, CostModel, moving_average
 from services.scheduler.events import (
+    AnnouncePipeline,
     Command,
+    Consolidate,
     Event,
     MarkNodeDown,
     ModelRegistered,
     NodeDown,
     NodeHeartbeat,
+    PipelineStage,
     PlaceWorker,
     RequestArrived,
     RequestDone,
@@ -30,15 +43,18 @@ from services.scheduler.events import (
     RequeueRequests,
     StopWorker,
     Tick,
+    WorkerConsolidated,
     WorkerReady,
     WorkerStopped,
 )
-from services.scheduler.placement import Placer, WorkerPlan, place_single_worker
+from services.scheduler.placement import Placer, WorkerPlan, place_pipeline, place_single_worker
 from services.scheduler.state import (
+    Calibration,
     ClusterState,
     EndpointState,
     Fetch,
     ModelSpec,
+    ModelTimings,
     NodeState,
     Request,
     WorkerState,
@@ -49,12 +65,20 @@ from services.scheduler.state import (
 class PolicyConfig:
     # a node whose last heartbeat is older than this (strictly) is marked down on a tick
     heartbeat_timeout_s: float = 15.0
+    # weight of a new measurement in the calibration's moving averages
+    ema_weight: float = 0.3
 
 
 @dataclass(frozen=True)
 class Policy:
     placer: Placer
     config: PolicyConfig = field(default_factory=PolicyConfig)
+    # the defaults the calibration replaces once something is measured
+    cost: CostModel = field(default_factory=CostModel)
+    # launch the worker at placement, loading behind the fetch (False: fetch, then launch)
+    overlap: bool = True
+    # pipelines consolidate into their full-size worker once every stage is ready
+    consolidate: bool = False
 
     def decide(self, state: ClusterState, event: Event,
                now: float) -> tuple[ClusterState, list[Command]]:
@@ -67,9 +91,12 @@ class Policy:
             case RequestStarted():
                 _on_request_started(draft, event)
             case RequestDone():
+                self._calibrate_request(draft, event)
                 _on_request_done(draft, event, now)
             case WorkerReady():
-                _on_worker_ready(draft, event, now)
+                self._on_worker_ready(draft, event, now)
+            case WorkerConsolidated():
+                _on_worker_consolidated(draft, event)
             case WorkerStopped():
                 _on_worker_stopped(draft, event)
             case NodeHeartbeat():
@@ -93,6 +120,65 @@ class Policy:
                     and now - endpoint.last_request_at >= model.keep_alive_s):
                 _scale_to_zero(draft, endpoint)
 
+    def _on_worker_ready(self, draft: Draft, event: WorkerReady, now: float) -> None:
+        worker = draft.workers.get(event.worker_id)
+        if worker is None or worker.state is not WorkerStatus.STARTING:
+            return
+        if event.startup_s is not None:
+            self._calibrate_startup(draft, worker, event.startup_s)
+        draft.workers[worker.worker_id] = replace(worker, state=WorkerStatus.READY, ready_at=now)
+        draft.end_fetch(worker)
+        endpoint = draft.endpoints[worker.endpoint_id]
+        siblings = draft.workers_of(endpoint.endpoint_id)
+        if (endpoint.state is not EndpointStatus.STARTING
+                or any(w.state is not WorkerStatus.READY for w in siblings)):
+            return
+        draft.endpoints[endpoint.endpoint_id] = replace(endpoint, state=EndpointStatus.READY)
+        if endpoint.pipeline_degree > 1:
+            _announce_pipeline(draft, endpoint, siblings, consolidate=self.consolidate)
+
+    def _calibrate_startup(self, draft: Draft, worker: WorkerState, startup_s: float) -> None:
+        overlapped_s = 0.0
+        if self.overlap:
+            fetch = next((f for f in draft.nodes[worker.node_id].fetches
+                          if f.worker_id == worker.worker_id), None)
+            if fetch is None or fetch.bandwidth_bytes_per_s <= 0:
+                return  # the fetch's share of the span is unknown
+            overlapped_s = fetch.num_bytes / fetch.bandwidth_bytes_per_s
+        calibration = draft.calibration
+        draft.calibration = replace(calibration, startup_s=moving_average(
+            calibration.startup_s, max(0.0, startup_s - overlapped_s),
+            weight=self.config.ema_weight))
+
+    def _calibrate_request(self, draft: Draft, event: RequestDone) -> None:
+        request = draft.requests.get(event.request_id)
+        worker = None if request is None or request.worker_id is None else (
+            draft.workers.get(request.worker_id))
+        if (worker is None or draft.endpoints[worker.endpoint_id].pipeline_degree != 1
+                or (event.prefill_s is None and event.tpot_s is None)):
+            return
+        calibration = draft.calibration
+        timings = calibration.models.get(worker.model, ModelTimings())
+        weight = self.config.ema_weight
+        if event.prefill_s is not None:
+            timings = replace(timings, prefill_s=moving_average(
+                timings.prefill_s, event.prefill_s, weight=weight))
+        if event.tpot_s is not None:
+            timings = replace(timings, tpot_s=moving_average(
+                timings.tpot_s, event.tpot_s, weight=weight))
+        draft.calibration = replace(calibration,
+                                    models={**calibration.models, worker.model: timings})
+
+    def cold_start_inputs(self, calibration: Calibration, model: str, *,
+                          queue_wait_s: float) -> ColdStartInputs:
+        """The estimates' inputs: what was measured, else the cost model's defaults."""
+        timings = calibration.models.get(model, ModelTimings())
+        return ColdStartInputs(
+            startup_s=_measured_or(calibration.startup_s, self.cost.startup_s),
+            prefill_s=_measured_or(timings.prefill_s, self.cost.prefill_s),
+            tpot_s=_measured_or(timings.tpot_s, self.cost.tpot_s),
+            per_hop_s=self.cost.per_hop_s, queue_wait_s=queue_wait_s)
+
     def _place_queued(self, draft: Draft, now: float) -> None:
         """Cold-start every model with queued requests and no live endpoint, oldest first."""
         oldest: dict[str, float] = {}
@@ -103,9 +189,11 @@ class Policy:
         live_models = {e.model for e in draft.endpoints.values() if e.is_live}
         for name in sorted(oldest.keys() - live_models, key=lambda m: (oldest[m], m)):
             model = draft.models[name]
-            plans = self.placer(draft.nodes.view, model, now)
+            inputs = self.cold_start_inputs(draft.calibration, name,
+                                            queue_wait_s=max(0.0, now - oldest[name]))
+            plans = self.placer(draft.nodes.view, model, now, inputs)
             if plans is not None:
-                _start_endpoint(draft, model, plans, now)
+                _start_endpoint(draft, model, plans, now, overlap=self.overlap)
 
 
 def _on_request_arrived(draft: Draft, event: RequestArrived, now: float) -> None:
@@ -128,17 +216,45 @@ def _on_request_done(draft: Draft, event: RequestDone, now: float) -> None:
         _touch_endpoints(draft, draft.requests.pop(event.request_id).model, now)
 
 
-def _on_worker_ready(draft: Draft, event: WorkerReady, now: float) -> None:
+def _measured_or(measured: float | None, default: float) -> float:
+    return default if measured is None else measured
+
+
+def _announce_pipeline(draft: Draft, endpoint: EndpointState, workers: list[WorkerState], *,
+                       consolidate: bool) -> None:
+    """Every stage is ready: the pipeline serves; its full-size worker starts consolidating."""
+    workers = sorted(workers, key=lambda w: w.stage)
+    draft.commands.append(AnnouncePipeline(
+        endpoint_id=endpoint.endpoint_id, model=endpoint.model, degree=endpoint.pipeline_degree,
+        stages=tuple(PipelineStage(worker_id=w.worker_id, node_id=w.node_id, stage=w.stage,
+                                   start_layer=w.start_layer, end_layer=w.end_layer)
+                     for w in workers)))
+    head = workers[0]
+    if consolidate and head.is_full_size:
+        partials = workers[1:]
+        draft.commands.append(Consolidate(
+            endpoint_id=endpoint.endpoint_id, worker_id=head.worker_id, node_id=head.node_id,
+            model=endpoint.model, degree=endpoint.pipeline_degree,
+            stages=tuple(w.stage for w in partials),
+            partial_worker_ids=tuple(w.worker_id for w in partials)))
+
+
+def _on_worker_consolidated(draft: Draft, event: WorkerConsolidated) -> None:
+    """The full-size worker serves the whole model: the endpoint is one worker again."""
     worker = draft.workers.get(event.worker_id)
-    if worker is None or worker.state is not WorkerStatus.STARTING:
+    if (worker is None or not worker.is_full_size or worker.state is not WorkerStatus.READY
+            or not draft.endpoints[worker.endpoint_id].is_live):
         return
-    draft.workers[worker.worker_id] = replace(worker, state=WorkerStatus.READY, ready_at=now)
-    draft.end_fetch(worker)
     endpoint = draft.endpoints[worker.endpoint_id]
-    siblings = draft.workers_of(endpoint.endpoint_id)
-    if (endpoint.state is EndpointStatus.STARTING
-            and all(w.state is WorkerStatus.READY for w in siblings)):
-        draft.endpoints[endpoint.endpoint_id] = replace(endpoint, state=EndpointStatus.READY)
+    if endpoint.pipeline_degree == 1:
+        return  # a repeated report
+    draft.workers[worker.worker_id] = replace(
+        worker, start_layer=0, end_layer=draft.models[worker.model].num_layers)
+    draft.endpoints[endpoint.endpoint_id] = replace(endpoint, pipeline_degree=1)
+    for partial in draft.workers_of(endpoint.endpoint_id):
+        if partial.worker_id != worker.worker_id:
+            _requeue(draft, partial.worker_id)
+            _stop_worker(draft, partial)
 
 
 def _on_worker_stopped(draft: Draft, event: WorkerStopped) -> None:
@@ -229,7 +345,7 @@ def _touch_endpoints(draft: Draft, model: str, now: float) -> None:
 
 
 def _start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...],
-                    now: float) -> None:
+                    now: float, *, overlap: bool) -> None:
     endpoint_id = draft.new_endpoint_id()
     draft.endpoints[endpoint_id] = EndpointState(
         endpoint_id=endpoint_id, model=model.name, state=EndpointStatus.STARTING,
@@ -250,11 +366,21 @@ def _start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...
             worker_id=worker_id, endpoint_id=endpoint_id, node_id=plan.node_id,
             model=model.name, pipeline_degree=len(plans), stage=plan.stage,
             start_layer=plan.start_layer, end_layer=plan.end_layer,
-            gpu_memory_bytes=plan.gpu_memory_bytes, is_full_size=plan.is_full_size))
+            gpu_memory_bytes=plan.gpu_memory_bytes, is_full_size=plan.is_full_size,
+            overlap=overlap))
 
 
-# The `single_worker` baseline: p = 1, whole-model workers.
+# The baselines of DESIGN.md, on the same core.
+# `serverless_vllm`: one whole-model worker; fetch, then start, then load.
+SERVERLESS_VLLM = Policy(placer=place_single_worker, overlap=False)
+# `single_worker`: p = 1 with every start-up stage overlapping the fetch.
 SINGLE_WORKER = Policy(placer=place_single_worker)
+# `hydraserve`: SLO-aware p <= 4, one full-size stage-0 worker, consolidation.
+HYDRASERVE = Policy(placer=place_pipeline, consolidate=True)
+
+POLICIES: dict[str, Policy] = {"serverless_vllm": SERVERLESS_VLLM,
+                               "single_worker": SINGLE_WORKER, "hydraserve": HYDRASERVE}
+DEFAULT_POLICY = "hydraserve"
 
 
 def decide(state: ClusterState, event: Event, now: float) -> tuple[ClusterState, list[Command]]:

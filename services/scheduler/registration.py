@@ -14,10 +14,10 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs.common.db.models import MAX_PIPELINE_DEGREE, Model
+from libs.common.db.models import MAX_PIPELINE_DEGREE, Model, Partition
 from libs.common.db.session import transaction
 from libs.common.errors import NotFoundError
-from services.scheduler.state import ModelSpec
+from services.scheduler.state import ModelSpec, StageLayout
 from services.storage.schemas import ModelInfo
 
 
@@ -66,10 +66,15 @@ async def register_model(sessionmaker: async_sessionmaker[AsyncSession], storage
         await session.execute(statement.on_conflict_do_update(
             index_elements=[Model.name],
             set_={key: statement.excluded[key] for key in row if key != "name"}))
+    layout = StageLayout.of(
+        (int(degree), s.stage, s.start_layer, s.end_layer, s.num_bytes)
+        for degree, stages in info.partitions.items() if int(degree) <= max_degree
+        for s in stages)
     return ModelSpec(name=info.name, size_bytes=info.num_bytes, num_layers=info.num_layers,
                      kv_cache_bytes=registration.kv_cache_bytes,
                      ttft_slo_s=ttft_slo_ms / 1000, tpot_slo_s=tpot_slo_ms / 1000,
-                     max_pipeline_degree=max_degree, keep_alive_s=registration.keep_alive_s)
+                     max_pipeline_degree=max_degree, keep_alive_s=registration.keep_alive_s,
+                     stage_boundaries=layout.stage_boundaries, stage_bytes=layout.stage_bytes)
 
 
 async def load_model(sessionmaker: async_sessionmaker[AsyncSession], name: str
@@ -77,13 +82,34 @@ async def load_model(sessionmaker: async_sessionmaker[AsyncSession], name: str
     """A model registered elsewhere (the admin API): its spec and its name in the store."""
     async with transaction(sessionmaker) as session:
         row = await session.scalar(select(Model).where(Model.name == name))
-    if row is None:
-        return None
-    spec = ModelSpec(name=row.name, size_bytes=row.size_bytes, num_layers=row.num_layers,
+        if row is None:
+            return None
+        layouts = await load_stage_layouts(session, model_ids=[row.id])
+    return model_spec(row, layouts.get(row.id)), storage_name(row.storage_path)
+
+
+def model_spec(row: Model, layout: StageLayout | None) -> ModelSpec:
+    """The policy's spec of a model row and its partitions' layout (None: no partitions)."""
+    return ModelSpec(name=row.name, size_bytes=row.size_bytes, num_layers=row.num_layers,
                      kv_cache_bytes=row.kv_cache_bytes, ttft_slo_s=row.ttft_slo_ms / 1000,
                      tpot_slo_s=row.tpot_slo_ms / 1000,
-                     max_pipeline_degree=row.max_pipeline_degree, keep_alive_s=row.keep_alive_s)
-    return spec, storage_name(row.storage_path)
+                     max_pipeline_degree=row.max_pipeline_degree, keep_alive_s=row.keep_alive_s,
+                     stage_boundaries={} if layout is None else layout.stage_boundaries,
+                     stage_bytes={} if layout is None else layout.stage_bytes)
+
+
+async def load_stage_layouts(session: AsyncSession, *,
+                             model_ids: list[int] | None = None) -> dict[int, StageLayout]:
+    """Model id -> the stages of its `partitions` rows (the admin API writes them)."""
+    statement = select(Partition.model_id, Partition.degree, Partition.stage,
+                       Partition.start_layer, Partition.end_layer, Partition.num_bytes)
+    if model_ids is not None:
+        statement = statement.where(Partition.model_id.in_(model_ids))
+    stages: dict[int, list[tuple[int, int, int, int, int]]] = {}
+    for row in await session.execute(statement):
+        stages.setdefault(row.model_id, []).append(
+            (row.degree, row.stage, row.start_layer, row.end_layer, row.num_bytes))
+    return {model_id: StageLayout.of(rows) for model_id, rows in stages.items()}
 
 
 async def load_storage_names(sessionmaker: async_sessionmaker[AsyncSession]) -> dict[str, str]:

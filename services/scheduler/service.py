@@ -40,7 +40,7 @@ from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.scheduler import backlog
 from services.scheduler import events as policy_events
 from services.scheduler.commands import to_outgoing, to_policy_event
-from services.scheduler.policy import SINGLE_WORKER, Policy
+from services.scheduler.policy import HYDRASERVE, Policy
 from services.scheduler.registration import (
     ModelRegistration,
     load_model,
@@ -71,7 +71,7 @@ class SchedulerConfig:
 
 class SchedulerService:
     def __init__(self, config: SchedulerConfig, *, nats: NatsSettings, bus: BusSettings,
-                 policy: Policy = SINGLE_WORKER) -> None:
+                 policy: Policy = HYDRASERVE) -> None:
         self.config = config
         self._nats = nats
         self._bus = bus
@@ -232,7 +232,8 @@ class SchedulerService:
 
     async def _send(self, nc: NATS, js: JetStreamContext,
                     command: policy_events.Command) -> None:
-        model = command.model if isinstance(command, policy_events.PlaceWorker) else None
+        model = (command.model if isinstance(command, policy_events.PlaceWorker
+                                             | policy_events.Consolidate) else None)
         outgoing = to_outgoing(command, storage_url=self.config.storage_url,
                                storage_model=self._storage_names.get(model or ""),
                                epoch=self._epoch)
@@ -242,10 +243,12 @@ class SchedulerService:
                                               node_id=command.node_id))
             logger.info("policy command %s", command)
             return
-        await js.publish(outgoing.subject, outgoing.message.model_dump_json().encode(),
-                         headers={MSG_ID_HEADER: outgoing.command_id})
+        if outgoing.message is not None:
+            assert outgoing.subject is not None and outgoing.command_id is not None, outgoing
+            await js.publish(outgoing.subject, outgoing.message.model_dump_json().encode(),
+                             headers={MSG_ID_HEADER: outgoing.command_id})
+            logger.info("sent %s to %s", type(outgoing.message).__name__, outgoing.subject)
         await publish_event(nc, outgoing.event)
-        logger.info("sent %s to %s", type(outgoing.message).__name__, outgoing.subject)
 
 
 def _has_stored_changes(before: ClusterState, after: ClusterState) -> bool:

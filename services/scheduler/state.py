@@ -7,7 +7,8 @@ state it is given and shares unchanged mappings between the old and the new stat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from libs.common.db.enums import LIVE_ENDPOINT_STATUSES, EndpointStatus, NodeStatus, WorkerStatus
@@ -24,6 +25,53 @@ class ModelSpec:
     tpot_slo_s: float
     max_pipeline_degree: int
     keep_alive_s: float
+    # degree -> the partitioner's layer cuts (0, ..., num_layers), p + 1 of them; a degree
+    # > 1 without an entry is no candidate for a pipeline (degree 1 is always (0, num_layers))
+    stage_boundaries: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    # degree -> bytes of each stage's partition, where the store said; else size / p a stage
+    stage_bytes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def layer_ranges(self, degree: int) -> list[tuple[int, int]] | None:
+        """[start, end) of every stage of a degree-`degree` pipeline; None if not known."""
+        bounds = (0, self.num_layers) if degree == 1 else self.stage_boundaries.get(degree)
+        if bounds is None or len(bounds) != degree + 1:
+            return None
+        return list(itertools.pairwise(bounds))
+
+    def fetch_bytes(self, degree: int, stage: int) -> int:
+        """Bytes stage `stage` of a degree-`degree` pipeline fetches at placement."""
+        known = self.stage_bytes.get(degree)
+        if degree == 1:
+            return self.size_bytes
+        if known is not None and len(known) == degree:
+            return known[stage]
+        return -(-self.size_bytes // degree)
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """The partitioner's stages of one model, for `ModelSpec.stage_boundaries/stage_bytes`."""
+
+    stage_boundaries: Mapping[int, tuple[int, ...]]
+    stage_bytes: Mapping[int, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, stages: Iterable[tuple[int, int, int, int, int]]) -> StageLayout:
+        """From (degree, stage, start_layer, end_layer, num_bytes) of every partition; a
+        degree whose stages are not 0..p-1 back to back is left out."""
+        by_degree: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for row in stages:
+            by_degree.setdefault(row[0], []).append(row)
+        boundaries: dict[int, tuple[int, ...]] = {}
+        sizes: dict[int, tuple[int, ...]] = {}
+        for degree, rows in sorted(by_degree.items()):
+            rows.sort(key=lambda r: r[1])
+            is_whole = [r[1] for r in rows] == list(range(degree)) and rows[0][2] == 0 and all(
+                a[3] == b[2] for a, b in itertools.pairwise(rows))
+            if is_whole:
+                boundaries[degree] = (0, *(r[3] for r in rows))
+                sizes[degree] = tuple(r[4] for r in rows)
+        return cls(boundaries, sizes)
 
 
 @dataclass(frozen=True)
@@ -103,6 +151,26 @@ class Request:
 
 
 @dataclass(frozen=True)
+class ModelTimings:
+    """Measured per-model times of a whole-model worker (moving averages); None: not yet."""
+
+    prefill_s: float | None = None
+    tpot_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the cluster has measured so far, to replace the cost model's assumptions.
+
+    Not persisted: a restarted scheduler starts again from the cost model's defaults.
+    """
+
+    # the start-up constant: seconds a cold start costs beyond its weight fetch
+    startup_s: float | None = None
+    models: Mapping[str, ModelTimings] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ClusterState:
     models: Mapping[str, ModelSpec] = field(default_factory=dict)
     nodes: Mapping[str, NodeState] = field(default_factory=dict)
@@ -113,6 +181,7 @@ class ClusterState:
     # ids the policy gives the next endpoint and worker it creates
     next_endpoint_id: int = 1
     next_worker_id: int = 1
+    calibration: Calibration = field(default_factory=Calibration)
 
     def workers_of(self, endpoint_id: int) -> Iterator[WorkerState]:
         return (w for w in self.workers.values() if w.endpoint_id == endpoint_id)

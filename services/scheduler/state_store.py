@@ -2,10 +2,12 @@
 
 `apply(before, after)` writes the difference between two states in one transaction: nodes
 upserted; endpoints and workers inserted, updated, or marked stopped when they left the
-state (their rows stay, as history, and keep ids monotonic across restarts). Model rows are
-written by model registration; the store only reads them. Requests are not stored: they wait
-in the NATS request stream, and the service replays that backlog after `load()`. Times
-round-trip through `timestamptz`, i.e. to the microsecond.
+state (their rows stay, as history, and keep ids monotonic across restarts); a consolidated
+worker's new layer range is written with its state. Model and partition rows are written by
+model registration; the store only reads them (a model's stage boundaries come from its
+partitions). The policy's calibration is not stored: it starts again from the cost model.
+Requests are not stored: they wait in the NATS request stream, and the service replays that
+backlog after `load()`. Times round-trip through `timestamptz`, i.e. to the microsecond.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
 from libs.common.db.models import Endpoint, Model, Node, Worker
 from libs.common.db.session import transaction
 from libs.common.errors import NotFoundError
+from services.scheduler.registration import load_stage_layouts, model_spec
 from services.scheduler.state import (
     ClusterState,
     EndpointState,
     Fetch,
-    ModelSpec,
     NodeState,
     WorkerState,
 )
@@ -46,7 +48,9 @@ class StateStore:
 
 
 async def load_state(session: AsyncSession) -> ClusterState:
-    models = {row.name: _model_spec(row) for row in await session.scalars(select(Model))}
+    layouts = await load_stage_layouts(session)
+    models = {row.name: model_spec(row, layouts.get(row.id))
+              for row in await session.scalars(select(Model))}
     endpoint_rows = await session.execute(
         select(Endpoint, Model.name).join(Model).where(Endpoint.state != EndpointStatus.STOPPED))
     endpoints = {row.id: _endpoint_state(row, model) for row, model in endpoint_rows}
@@ -89,7 +93,9 @@ async def apply_changes(session: AsyncSession, before: ClusterState, after: Clus
     ] + [{"id": endpoint_id, "state": EndpointStatus.STOPPED}
          for endpoint_id in before.endpoints.keys() - after.endpoints.keys()]
     worker_updates = [
-        {"id": w.worker_id, "state": w.state, "ready_at": _datetime(w.ready_at)}
+        {"id": w.worker_id, "state": w.state, "ready_at": _datetime(w.ready_at),
+         # a consolidated worker serves the whole model
+         "start_layer": w.start_layer, "end_layer": w.end_layer}
         for w in _changed(before.workers, after.workers) if w.worker_id in before.workers
     ] + [{"id": worker_id, "state": WorkerStatus.STOPPED, "stopped_at": _datetime(now)}
          for worker_id in before.workers.keys() - after.workers.keys()]
@@ -121,13 +127,6 @@ def _datetime(seconds: float | None) -> datetime | None:
 
 def _seconds(moment: datetime) -> float:
     return moment.timestamp()
-
-
-def _model_spec(row: Model) -> ModelSpec:
-    return ModelSpec(name=row.name, size_bytes=row.size_bytes, num_layers=row.num_layers,
-                     kv_cache_bytes=row.kv_cache_bytes, ttft_slo_s=row.ttft_slo_ms / 1000,
-                     tpot_slo_s=row.tpot_slo_ms / 1000,
-                     max_pipeline_degree=row.max_pipeline_degree, keep_alive_s=row.keep_alive_s)
 
 
 def _node_state(row: Node, workers: Iterable[WorkerState],
