@@ -1,5 +1,7 @@
 """`python -m services.prefetcher --node-id N --gpu-memory-gb G --nic-gbps B --storage-url URL
-[--nats URL] [--work-dir DIR]`: the node agent of one (possibly emulated) GPU node.
+[--nats URL] [--work-dir DIR] [--launcher local|kubernetes [--k8s-...]]`: the node agent of one
+(possibly emulated) GPU node. Workers are local processes, or pods (`--launcher kubernetes`,
+the agent itself in a pod; see docs/KUBERNETES.md).
 
 Runs until SIGTERM/SIGINT, then stops its workers. Exit codes: 0 after a clean shutdown, 2 if
 it could not start.
@@ -19,6 +21,7 @@ from nats.errors import Error as NatsError
 from libs.common.errors import HydraError
 from libs.common.settings import Settings
 from services.prefetcher.agent import AgentConfig
+from services.prefetcher.launcher import Launcher, LocalLauncher
 from services.prefetcher.service import NodeAgentService, NodeConfig
 
 logger = logging.getLogger("services.prefetcher")
@@ -39,6 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="an extra flag for every worker, e.g. --worker-arg=--capacity=4")
+    parser.add_argument("--launcher", choices=["local", "kubernetes"], default="local",
+                        help="workers as processes here, or as pods on this node")
+    k8s = parser.add_argument_group("--launcher kubernetes")
+    k8s.add_argument("--k8s-namespace", default="default", help="where worker pods go")
+    k8s.add_argument("--k8s-node-name", help="the node worker pods are pinned to "
+                     "(default: --node-id)")
+    k8s.add_argument("--k8s-pod-name", help="this agent's pod: owns the worker pods and "
+                     "gives their image unless --k8s-image")
+    k8s.add_argument("--k8s-image", default="", help="the worker pods' image")
+    k8s.add_argument("--k8s-worker-memory-gb", type=float, default=4.0,
+                     help="host memory each worker pod requests")
+    k8s.add_argument("--k8s-config-map", help="a ConfigMap of HYDRASERVE_* settings for workers")
     return parser.parse_args(argv)
 
 
@@ -52,13 +67,29 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
                       gpu_type=args.gpu_type, heartbeat_interval_s=args.heartbeat_interval)
 
 
-async def serve(config: NodeConfig, settings: Settings) -> int:
+def build_launcher(args: argparse.Namespace, config: NodeConfig) -> Launcher:
+    if args.launcher == "local":
+        return LocalLauncher()
+    # imported here only: the kubernetes client stays out of every other process
+    from services.prefetcher.k8s_launcher import KubernetesLauncher, PodTemplate
+
+    template = PodTemplate(
+        namespace=args.k8s_namespace, image=args.k8s_image,
+        node_name=args.k8s_node_name or args.node_id,
+        shm_host_path=str(config.agent.work_dir), gpu_type=config.gpu_type,
+        memory_bytes=int(args.k8s_worker_memory_gb * (1 << 30)),
+        config_map=args.k8s_config_map)
+    return KubernetesLauncher.in_cluster(template, pod_name=args.k8s_pod_name)
+
+
+async def serve(config: NodeConfig, settings: Settings, launcher: Launcher) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nats_settings = settings.nats.model_copy(update={"url": config.agent.nats_url})
-    return await NodeAgentService(config, nats=nats_settings, bus=settings.bus).run(stop)
+    return await NodeAgentService(config, nats=nats_settings, bus=settings.bus,
+                                  launcher=launcher).run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = Settings()
-        return asyncio.run(serve(build_config(args), settings))
+        config = build_config(args)
+        return asyncio.run(serve(config, settings, build_launcher(args, config)))
     except (HydraError, NatsError, OSError, ValueError) as exc:
         logger.error("node agent failed: %s", exc)
         return 2
