@@ -175,6 +175,8 @@ class EventKind:
     # the full-size worker now serves the whole model alone; the scheduler releases the
     # partial workers (worker.stop_requested) on this event
     WORKER_CONSOLIDATED = "worker.consolidated"
+    # the full-size worker could not take over (data: error); the pipeline keeps serving
+    CONSOLIDATION_FAILED = "worker.consolidation_failed"
 
 
 class Event(Message):

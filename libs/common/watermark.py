@@ -32,6 +32,13 @@ def watermark_path(partition_path: str | Path) -> Path:
     return Path(f"{partition_path}.wm")
 
 
+def partition_model_dir(partition_path: str | Path) -> Path:
+    """The folder next to a partition with the model's config, tokenizer and the
+    partition's manifest.json (`<stem>-model`)."""
+    path = Path(partition_path)
+    return path.with_name(f"{path.stem}-model")
+
+
 class SharedWatermark:
     def __init__(self, path: str | Path, *, writable: bool) -> None:
         self.path = Path(path)

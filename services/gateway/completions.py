@@ -114,7 +114,7 @@ class CompletionService:
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
             # always a seed: a redelivered request then samples the very same tokens
             seed=body.seed if body.seed is not None else secrets.randbits(63),
-            stop=body.stop_list,
+            stop=body.stop_list, top_k=body.top_k, ignore_eos=body.ignore_eos,
         )
         return GenerateRequest(
             request_id=request_id, model=body.model, prompt=prompt,

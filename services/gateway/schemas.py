@@ -37,6 +37,9 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions (the `openai` client sends them in `extra_body`)
+    top_k: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
 
     @field_validator("n")
     @classmethod

@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from libs.common.errors import HydraError
-from libs.common.messages import EventKind, PlaceWorkerCommand, StopWorkerCommand
-from libs.common.watermark import watermark_path
+from libs.common.messages import (
+    ConsolidateCommand,
+    EventKind,
+    PlaceWorkerCommand,
+    StopWorkerCommand,
+    consolidation_partition,
+)
+from libs.common.watermark import partition_model_dir, watermark_path
 from services.prefetcher.fetch import FetchResult, default_model_dir
 from services.prefetcher.launcher import Launcher, WorkerHandle, WorkerSpec
 from services.storage.throttle import TokenBucket
@@ -59,7 +65,12 @@ class _Worker:
     command: PlaceWorkerCommand
     partition: Path
     model_dir: Path
-    fetch: asyncio.Task[None] | None = None
+    # done with True once every byte is in
+    fetch: asyncio.Task[bool] | None = None
+    # consolidation: the other stages' partitions, fetched next to this worker's own
+    extra_partitions: list[Path] = field(default_factory=list)
+    consolidation: asyncio.Task[None] | None = None
+    start: asyncio.Task[None] | None = None
     handle: WorkerHandle | None = None
     monitor: asyncio.Task[None] | None = None
     is_stopping: bool = False
@@ -95,6 +106,24 @@ class NodeAgent:
                            worker_id=command.worker_id, partition=str(partition),
                            degree=command.degree, stage=command.stage)
         worker.fetch = asyncio.create_task(self._run_fetch(worker))
+        if command.overlap:
+            await self._launch(worker)
+        else:
+            # `serverless_vllm`: the worker starts only once every byte is here
+            worker.start = asyncio.create_task(self._launch_after_fetch(worker))
+
+    async def _launch_after_fetch(self, worker: _Worker) -> None:
+        assert worker.fetch is not None
+        is_complete = await worker.fetch
+        if worker.is_stopping:
+            return
+        if not is_complete:
+            await self._finish(worker, exit_code=None, error="fetch did not complete")
+            return
+        await self._launch(worker)
+
+    async def _launch(self, worker: _Worker) -> None:
+        command = worker.command
         try:
             worker.handle = await self._launcher.launch(self._spec(worker))
         except OSError as exc:
@@ -105,6 +134,44 @@ class NodeAgent:
                            worker_id=command.worker_id, pid=worker.handle.pid)
         worker.monitor = asyncio.create_task(self._watch(worker, worker.handle))
 
+    async def consolidate(self, command: ConsolidateCommand) -> None:
+        """Fetch the stages the full-size worker lacks next to its partition, in layer order
+        (it loads them as they arrive). Idempotent per worker."""
+        worker = self._workers.get(command.worker_id)
+        if worker is None or worker.is_stopping:
+            logger.warning("consolidate %s: worker %s is not running here", command.command_id,
+                           command.worker_id)
+            return
+        if worker.consolidation is not None:
+            return
+        worker.consolidation = asyncio.create_task(self._fetch_for_consolidation(worker, command))
+
+    async def _fetch_for_consolidation(self, worker: _Worker,
+                                       command: ConsolidateCommand) -> None:
+        for stage in sorted(command.stages):
+            dest = consolidation_partition(worker.partition, command.degree, stage)
+            worker.extra_partitions.append(dest)
+            await self._report(EventKind.FETCH_STARTED, model=command.model,
+                               worker_id=command.worker_id, partition=str(dest),
+                               degree=command.degree, stage=stage, consolidation=True)
+            started = time.monotonic()
+            try:
+                result = await self._fetch(
+                    command.storage_url or self.config.storage_url,
+                    command.storage_model or command.model, command.degree, stage, dest,
+                    num_streams=self.config.num_streams, nic=self._nic,
+                    model_dir=partition_model_dir(dest))
+            except HydraError as exc:
+                await self._report(EventKind.FETCH_FAILED, model=command.model,
+                                   worker_id=command.worker_id, error=exc.message,
+                                   consolidation=True, stage=stage)
+                return
+            await self._report(EventKind.FETCH_DONE, model=command.model,
+                               worker_id=command.worker_id, num_bytes=result.num_bytes,
+                               fetch_s=round(time.monotonic() - started, 6),
+                               bytes_per_s=round(result.bytes_per_s), consolidation=True,
+                               stage=stage)
+
     async def stop(self, command: StopWorkerCommand) -> None:
         worker = self._workers.get(command.worker_id)
         if worker is None:
@@ -113,10 +180,15 @@ class NodeAgent:
             return
         if not worker.is_stopping:
             worker.is_stopping = True
-            if worker.fetch is not None:
-                worker.fetch.cancel()
+            for task in (worker.fetch, worker.consolidation):
+                if task is not None:
+                    task.cancel()
             if worker.handle is not None:
                 await worker.handle.terminate(self.config.stop_timeout_s)
+            elif worker.start is not None:
+                # fetching before launch (`serverless_vllm`): nothing runs yet
+                worker.start.cancel()
+                await self._finish(worker, exit_code=None)
         await worker.stopped.wait()
 
     async def stop_all(self) -> None:
@@ -129,11 +201,12 @@ class NodeAgent:
                 "--model-dir", str(worker.model_dir), "--partition", str(worker.partition),
                 "--nats", self.config.nats_url, "--worker-id", command.worker_id,
                 "--node-id", self.config.node_id, "--endpoint-id", command.endpoint_id,
+                "--degree", str(command.degree), "--stage", str(command.stage),
                 *self.config.worker_args]
         log_path = self.config.work_dir / "logs" / f"worker-{command.worker_id}.log"
         return WorkerSpec(worker_id=command.worker_id, argv=argv, log_path=log_path)
 
-    async def _run_fetch(self, worker: _Worker) -> None:
+    async def _run_fetch(self, worker: _Worker) -> bool:
         command = worker.command
         started = time.monotonic()
         next_step = [1]
@@ -154,11 +227,12 @@ class NodeAgent:
         except HydraError as exc:
             await self._report(EventKind.FETCH_FAILED, model=command.model,
                                worker_id=command.worker_id, error=exc.message)
-            return
+            return False
         await self._report(EventKind.FETCH_DONE, model=command.model,
                            worker_id=command.worker_id, num_bytes=result.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6),
                            bytes_per_s=round(result.bytes_per_s))
+        return True
 
     async def _watch(self, worker: _Worker, handle: WorkerHandle) -> None:
         exit_code = await handle.wait()
@@ -167,10 +241,11 @@ class NodeAgent:
     async def _finish(self, worker: _Worker, *, exit_code: int | None,
                       error: str | None = None) -> None:
         """The process is gone: cancel the fetch, free the shared memory, report it."""
-        if worker.fetch is not None and not worker.fetch.done():
-            worker.fetch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker.fetch
+        for task in (worker.fetch, worker.consolidation):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         _remove_files(worker)
         self._workers.pop(worker.command.worker_id, None)
         await self._report(EventKind.WORKER_STOPPED, model=worker.command.model,
@@ -181,6 +256,8 @@ class NodeAgent:
 
 
 def _remove_files(worker: _Worker) -> None:
-    for path in (worker.partition, watermark_path(worker.partition)):
-        path.unlink(missing_ok=True)
+    for partition in (worker.partition, *worker.extra_partitions):
+        for path in (partition, watermark_path(partition)):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(partition_model_dir(partition), ignore_errors=True)
     shutil.rmtree(worker.model_dir, ignore_errors=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from libs.common.errors import FetchFailedError, HydraError, NotFoundError
+from libs.common.watermark import partition_model_dir
 from services.prefetcher.shm import PartitionWriter
 from services.storage.schemas import ErrorResponse, Manifest, ModelInfo
 from services.storage.throttle import TokenBucket
@@ -61,7 +62,7 @@ class FetchResult:
 
 
 def default_model_dir(dest_path: Path) -> Path:
-    return dest_path.with_name(f"{dest_path.stem}-model")
+    return partition_model_dir(dest_path)
 
 
 async def fetch_partition(

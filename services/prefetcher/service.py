@@ -22,7 +22,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from libs.common.bus import connect, ensure_streams, publish_event
-from libs.common.messages import Event, EventKind, NodeInfo, PlaceWorkerCommand, parse_node_command
+from libs.common.messages import (
+    ConsolidateCommand,
+    Event,
+    EventKind,
+    NodeInfo,
+    PlaceWorkerCommand,
+    parse_node_command,
+)
 from libs.common.settings import BusSettings, NatsSettings
 from libs.common.subjects import COMMANDS_STREAM, command_subject, encode_token
 from services.prefetcher.agent import AgentConfig, NodeAgent
@@ -110,6 +117,8 @@ class NodeAgentService:
             return
         if isinstance(command, PlaceWorkerCommand):
             await agent.place(command)
+        elif isinstance(command, ConsolidateCommand):
+            await agent.consolidate(command)
         else:
             # stopping waits for the worker to drain: not on the command loop
             self._spawn(agent.stop(command))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -21,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from libs.common.errors import HydraError
 from libs.common.settings import Settings
+from services.scheduler.placement import place_fixed_degree
 from services.scheduler.policy import DEFAULT_POLICY, POLICIES, PolicyConfig
 from services.scheduler.registration import ModelRegistration
 from services.scheduler.service import SchedulerConfig, SchedulerService
@@ -37,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--policy", choices=sorted(POLICIES), default=DEFAULT_POLICY,
                         help="the cold-start policy (DESIGN.md's baselines); default: "
                              f"{DEFAULT_POLICY}")
+    parser.add_argument("--degree", type=int, choices=[1, 2, 3, 4],
+                        help="with --policy hydraserve: always this pipeline degree instead of "
+                             "the SLO-aware choice (experiments and benchmarks)")
     parser.add_argument("--register-model", action="append", default=[], metavar="NAME",
                         help="register (or update) a model imported into the store")
     parser.add_argument("--keep-alive", type=float, default=60.0,
@@ -70,6 +75,12 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     nats_settings = settings.nats.model_copy(update={"url": args.nats} if args.nats else {})
     policy = dataclasses.replace(
         POLICIES[args.policy], config=PolicyConfig(heartbeat_timeout_s=args.heartbeat_timeout))
+    if args.degree is not None:
+        if args.policy != "hydraserve":
+            logger.error("--degree goes with --policy hydraserve")
+            return 2
+        policy = dataclasses.replace(
+            policy, placer=functools.partial(place_fixed_degree, degree=args.degree))
     service = SchedulerService(build_config(args, settings), nats=nats_settings,
                                bus=settings.bus, policy=policy)
     return await service.run(stop)

@@ -127,3 +127,33 @@ def _stage_plans(model: ModelSpec, chosen: list[NodeState], ranges: list[tuple[i
                    is_full_size=stage == 0, fetch_bytes=model.fetch_bytes(degree, stage),
                    fetch_bandwidth_bytes_per_s=bandwidths[node.node_id])
         for stage, (node, (start, end)) in enumerate(zip(chosen, ranges, strict=True)))
+
+
+def place_fixed_degree(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
+                       inputs: ColdStartInputs, *, degree: int) -> tuple[WorkerPlan, ...] | None:
+    """`degree` stages whatever the SLOs say (capped by the model's maximum, its known layer
+    boundaries and the nodes with room): for experiments and benchmarks that compare degrees.
+    Nodes are picked as `place_pipeline` picks them."""
+    full_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
+                                  kv_cache_bytes=model.kv_cache_bytes, degree=1,
+                                  is_full_size=True)
+    bandwidths = {n.node_id: available_bandwidth(
+        nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=n.fetches, now=now)
+        for n in nodes.values() if n.is_up}
+    ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
+                    key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes, n.node_id))
+    head = next((n for n in ranked if n.free_gpu_memory_bytes >= full_bytes), None)
+    if head is None:
+        return None
+    for p in range(min(degree, model.max_pipeline_degree, MAX_DEGREE), 1, -1):
+        ranges = model.layer_ranges(p)
+        partial_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
+                                         kv_cache_bytes=model.kv_cache_bytes, degree=p,
+                                         is_full_size=False)
+        rest = [n for n in ranked
+                if n.node_id != head.node_id and n.free_gpu_memory_bytes >= partial_bytes]
+        if ranges is not None and len(rest) >= p - 1:
+            return _stage_plans(model, [head, *rest[:p - 1]], ranges, bandwidths,
+                                full_bytes=full_bytes, partial_bytes=partial_bytes)
+    return _stage_plans(model, [head], [(0, model.num_layers)], bandwidths,
+                        full_bytes=full_bytes, partial_bytes=full_bytes)

@@ -59,10 +59,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds before a silent worker's requests are redelivered")
     parser.add_argument("--node-id")
     parser.add_argument("--endpoint-id")
+    parser.add_argument("--degree", type=int, default=1,
+                        help="the pipeline degree of the endpoint (1: a whole-model worker)")
+    parser.add_argument("--stage", type=int, default=0,
+                        help="this worker's pipeline stage; 0 drives the pipeline and serves "
+                             "requests, the others serve activations (needs --endpoint-id)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.stage < args.degree:
+        parser.error(f"--stage {args.stage} is not a stage of a degree-{args.degree} pipeline")
+    if args.degree > 1 and (args.endpoint_id is None or args.partition is None):
+        parser.error("a pipeline stage needs --endpoint-id and --partition")
+    return args
 
 
 def build_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
@@ -79,6 +89,7 @@ def build_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
         worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
         nats=nats_settings, bus=settings.bus, worker=worker, node_id=args.node_id,
         endpoint_id=args.endpoint_id, engine_options=engine_options, partition=args.partition,
+        stage=args.stage, degree=args.degree,
         phases={"process_started_at": process_started_at(), "imports_done_at": IMPORTS_DONE_AT},
     )
 
@@ -88,6 +99,10 @@ async def serve(config: WorkerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.stage > 0:
+        from services.worker.stage_service import StageService
+
+        return await StageService(config).run(stop)
     return await WorkerService(config).run(stop)
 
 

@@ -28,6 +28,10 @@ class WorkerConfig:
     # a partition file the node agent is filling (watermark next to it); None: load the
     # model folder's own safetensors
     partition: Path | None = None
+    # this worker's stage of a degree-`degree` pipeline (0 of 1: the whole model). Stage 0
+    # of a pipeline drives it; the others serve activations on the data plane.
+    stage: int = 0
+    degree: int = 1
     # start-up phase -> unix time (s) it was reached, reported in worker.started / ready
     phases: dict[str, float] = field(default_factory=dict)
 

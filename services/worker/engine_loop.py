@@ -68,6 +68,10 @@ class EngineLoop:
         """Stop a request; the future holds its final (aborted) output, or None if unknown."""
         return self._submit(lambda: self._engine.abort(request_id))
 
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the engine thread between steps; its result or error in the future."""
+        return self._submit(fn)
+
     def stop(self, timeout: float | None = None) -> None:
         with self._lock:
             self._stopping = True

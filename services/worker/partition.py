@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from libs.common.watermark import SharedWatermark, watermark_path
+from libs.common.watermark import SharedWatermark, partition_model_dir, watermark_path
 
 if TYPE_CHECKING:
     from services.worker.config import WorkerConfig
+    from services.worker.engine.config import EngineConfig, ModelConfig
     from services.worker.engine.engine import LLMEngine
+    from services.worker.engine.model_runner import ModelRunner
 
 # the side file appears once the agent has the manifest; the bytes then flow at NIC speed
 WATERMARK_TIMEOUT_S = 120.0
@@ -53,3 +55,39 @@ def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngi
         return engine
     finally:
         watermark.close()
+
+
+def load_stage_runner(partition: Path, base: EngineConfig, model_config: ModelConfig, *,
+                      phases: dict[str, float] | None = None) -> ModelRunner:
+    """A runner for the layers of `partition` (from its manifest), with `base`'s engine
+    settings, loaded while the partition's bytes arrive."""
+    import dataclasses
+
+    from services.worker.engine.loader import SafetensorsReader
+    from services.worker.engine.model_runner import ModelRunner
+
+    phases = phases if phases is not None else {}
+    watermark = SharedWatermark.open(watermark_path(partition), timeout=WATERMARK_TIMEOUT_S)
+    try:
+        watermark.wait_for(1, WATERMARK_TIMEOUT_S)
+        phases["partition_mapped_at"] = time.time()
+        start_layer, end_layer = stage_layers(partition_model_dir(partition))
+        runner = ModelRunner(dataclasses.replace(base, start_layer=start_layer,
+                                                 end_layer=end_layer), model_config)
+        phases["load_started_at"] = time.time()
+        runner.load(SafetensorsReader(partition, watermark).stream(TENSOR_TIMEOUT_S))
+        phases["loaded_at"] = time.time()
+        return runner
+    finally:
+        watermark.close()
+
+
+def load_worker_stage(config: WorkerConfig, partition: Path) -> ModelRunner:
+    """The runner of a pipeline stage after the first (no engine, no tokenizer)."""
+    from services.worker.engine.config import EngineConfig, ModelConfig
+
+    config.phases["engine_imported_at"] = time.time()
+    base = EngineConfig(model_path=config.model_dir, max_num_seqs=config.worker.capacity,
+                        **config.engine_options)
+    return load_stage_runner(partition, base, ModelConfig.from_model_dir(config.model_dir),
+                             phases=config.phases)

@@ -36,6 +36,7 @@ from services.worker.puller import BoundedPuller
 
 if TYPE_CHECKING:
     from services.worker.engine.sequence import RequestOutput
+    from services.worker.pipeline.link import PipelineLink
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class WorkerService:
         self._puller: BoundedPuller | None = None
         self._engine_loop: EngineLoop | None = None
         self._events: EventPublisher | None = None
+        # stage 0 of a pipeline: the data plane and control events
+        self._pipeline: PipelineLink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -85,24 +88,73 @@ class WorkerService:
                 await self._event(EventKind.WORKER_STOPPED, exit_code=1, error=repr(exc))
                 raise
             load_s = time.monotonic() - started
+            if self.config.degree > 1:
+                engine = await self._start_pipeline(engine)
             self._engine_loop = EngineLoop(engine, on_outputs=self._from_engine_thread,
                                            on_crash=self._crash_from_engine_thread)
+            if self._pipeline is None:
+                await self._report_ready(load_s)
+            else:
+                await self._report_ready(load_s)
+                if not await self._wait_for_pipeline(stop):
+                    return 0
             self._engine_loop.start()
+            if self._pipeline is not None:
+                self._pipeline.serving(self._engine_loop)
             self._puller = BoundedPuller(
                 await self._subscribe(js), has_room=self._has_room, on_message=self._accept,
                 on_connection_lost=self._fail, fetch_timeout_s=self.config.worker.fetch_timeout_s)
-            self.config.phases["ready_at"] = time.time()
-            await events.publish(EventKind.WORKER_READY, load_s=round(load_s, 6),
-                                 capacity=self.config.worker.capacity,
-                                 phases=dict(self.config.phases))
-            logger.info("worker %s ready for model %r in %.2fs", self.config.worker_id,
-                        self.config.model, load_s)
             return await self._serve(stop)
         finally:
             if not loading.done():
                 loading.cancel()
+            if self._pipeline is not None:
+                await self._pipeline.close()
             with contextlib.suppress(NatsError):  # flushes the last chunks, acks and events
                 await nc.drain()
+
+    async def _report_ready(self, load_s: float) -> None:
+        assert self._events is not None
+        self.config.phases["ready_at"] = time.time()
+        await self._events.publish(EventKind.WORKER_READY, load_s=round(load_s, 6),
+                                   capacity=self.config.worker.capacity,
+                                   stage=self.config.stage, degree=self.config.degree,
+                                   phases=dict(self.config.phases))
+        logger.info("worker %s ready for model %r in %.2fs", self.config.worker_id,
+                    self.config.model, load_s)
+
+    async def _start_pipeline(self, engine: Engine) -> Engine:
+        """Stage 0 of a pipeline: drive the other stages over the data plane."""
+        from services.worker.engine.engine import LLMEngine
+        from services.worker.pipeline.driver import PipelineDriver
+        from services.worker.pipeline.link import PipelineLink
+
+        assert isinstance(engine, LLMEngine) and self._nc is not None
+        channel_send: list[Callable[[int, bytes], None]] = []
+        driver = PipelineDriver(engine, degree=self.config.degree,
+                                send=lambda stage, frame: channel_send[0](stage, frame))
+        self._pipeline = PipelineLink(self._nc, self.config, driver,
+                                      publish=self._publish_event)
+        channel_send.append(self._pipeline.channel.send_threadsafe)
+        await self._pipeline.start()
+        return driver
+
+    async def _wait_for_pipeline(self, stop: asyncio.Event) -> bool:
+        """Until every stage is ready (the scheduler says so) and answers; False if stopped."""
+        assert self._pipeline is not None
+        ready = asyncio.create_task(self._pipeline.ready.wait())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
+        if stop.is_set():
+            await self._event(EventKind.WORKER_STOPPED, exit_code=0)
+            return False
+        await self._pipeline.connect()
+        return True
+
+    async def _publish_event(self, kind: str, **data: Any) -> None:
+        await self._event(kind, **data)
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         settings = self.config.worker

@@ -37,13 +37,9 @@ from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
 from libs.common.subjects import EVENTS_STREAM, REQUESTS_STREAM, event_subject, request_subject
 from tests.conftest import temporary_database
+from tests.e2e.cluster import import_model, wait_for_consumer
 from tests.e2e.conftest import USER_KEY
-from tests.e2e.test_cold_start import (
-    PROMPT,
-    _import_model,
-    _wait_for_consumer,
-    expected_text,
-)
+from tests.e2e.test_cold_start import PROMPT, expected_text
 from tests.processes import free_port, spawn, stop, tail, wait_for_http
 
 if TYPE_CHECKING:
@@ -84,7 +80,7 @@ class Stack:
             "--register-model", self.model_a, "--register-model", self.model_b,
             "--keep-alive", str(KEEP_ALIVE_S), "--tick", "0.5",
             "--consumer", self.consumer], log)
-        asyncio.run(_wait_for_consumer(self.nats_url, self.consumer, self.scheduler, log))
+        asyncio.run(wait_for_consumer(self.nats_url, self.consumer, self.scheduler, log))
 
     def stop_scheduler(self) -> None:
         assert self.scheduler is not None
@@ -176,7 +172,7 @@ def stack(nats_url: str, restart_database_url: str, demo_model_dir: Path,
                         logs / "storage.log")
         stack.processes.append(storage)
         for model in (stack.model_a, stack.model_b):
-            _import_model(stack.storage_url, demo_model_dir, model, storage,
+            import_model(stack.storage_url, demo_model_dir, model, storage,
                           logs / "storage.log")
         stack.processes.append(spawn([
             sys.executable, "-m", "services.prefetcher", "--node-id", f"node-{suffix}",
