@@ -311,3 +311,6 @@ class NodeInfo(Message):
     nic_bandwidth_bytes_per_s: int = Field(ge=0)
     # worker ids running on the node
     worker_ids: list[str] = Field(default_factory=list)
+    # partitions in the node's host-memory cache, as `<model>/<degree>/<stage>`: a worker of
+    # one of them placed here starts without a fetch
+    cached: list[str] = Field(default_factory=list)

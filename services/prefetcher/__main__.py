@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="an extra flag for every worker, e.g. --worker-arg=--capacity=4")
+    parser.add_argument("--cache-gb", type=float, default=0.0,
+                        help="host-memory model cache: keep fetched partitions up to this "
+                             "many GB after their workers stop (0: off)")
     parser.add_argument("--launcher", choices=["local", "kubernetes"], default="local",
                         help="workers as processes here, or as pods on this node")
     k8s = parser.add_argument_group("--launcher kubernetes")
@@ -61,7 +64,8 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
     work_dir = args.work_dir or Path("/dev/shm") / f"hydraserve-{args.node_id}"
     agent = AgentConfig(node_id=args.node_id, storage_url=args.storage_url,
                         nats_url=args.nats or Settings().nats.url, work_dir=work_dir,
-                        worker_args=tuple(args.worker_arg))
+                        worker_args=tuple(args.worker_arg),
+                        cache_bytes=int(args.cache_gb * (1 << 30)))
     return NodeConfig(agent=agent, gpu_memory_bytes=int(args.gpu_memory_gb * (1 << 30)),
                       nic_bandwidth_bytes_per_s=int(args.nic_gbps * 1e9 / 8),
                       gpu_type=args.gpu_type, heartbeat_interval_s=args.heartbeat_interval)

@@ -28,6 +28,7 @@ from libs.common.messages import (
     consolidation_partition,
 )
 from libs.common.watermark import partition_model_dir, watermark_path
+from services.prefetcher.cache import CacheKey, HostCache
 from services.prefetcher.fetch import FetchResult, default_model_dir
 from services.prefetcher.launcher import Launcher, WorkerHandle, WorkerSpec
 from services.storage.throttle import TokenBucket
@@ -58,6 +59,8 @@ class AgentConfig:
     num_streams: int = 4
     # extra worker flags (e.g. ["--capacity", "4"])
     worker_args: tuple[str, ...] = ()
+    # host-memory model cache budget (0: no cache)
+    cache_bytes: int = 0
 
 
 @dataclass
@@ -86,7 +89,10 @@ class NodeAgent:
         self._report = report
         self._nic = nic
         self._workers: dict[str, _Worker] = {}
-        # worker ids ever placed here: a redelivered PlaceWorker after a stop does nothing
+        self.cache = (HostCache(config.work_dir / "cache", max_bytes=config.cache_bytes)
+                      if config.cache_bytes > 0 else None)
+        # command ids ever applied here: a redelivered PlaceWorker after a stop does nothing.
+        # (Not worker ids: a scheduler on a fresh database numbers its workers from 1 again.)
         self._placed: set[str] = set()
 
     @property
@@ -94,11 +100,11 @@ class NodeAgent:
         return sorted(self._workers)
 
     async def place(self, command: PlaceWorkerCommand) -> None:
-        if command.worker_id in self._placed:
+        if command.command_id in self._placed or command.worker_id in self._workers:
             logger.info("worker %s already placed; command %s ignored", command.worker_id,
                         command.command_id)
             return
-        self._placed.add(command.worker_id)
+        self._placed.add(command.command_id)
         partition = self.config.work_dir / f"w{command.worker_id}.safetensors"
         worker = _Worker(command, partition, default_model_dir(partition))
         self._workers[command.worker_id] = worker
@@ -155,6 +161,10 @@ class NodeAgent:
                                worker_id=command.worker_id, partition=str(dest),
                                degree=command.degree, stage=stage, consolidation=True)
             started = time.monotonic()
+            key = _cache_key(command, command.degree, stage)
+            if await self._restore_cached(key, dest, command.worker_id, started,
+                                          consolidation=True, stage=stage):
+                continue
             try:
                 result = await self._fetch(
                     command.storage_url or self.config.storage_url,
@@ -170,7 +180,8 @@ class NodeAgent:
                                worker_id=command.worker_id, num_bytes=result.num_bytes,
                                fetch_s=round(time.monotonic() - started, 6),
                                bytes_per_s=round(result.bytes_per_s), consolidation=True,
-                               stage=stage)
+                               stage=stage, cached=False)
+            self._keep(key, dest)
 
     async def stop(self, command: StopWorkerCommand) -> None:
         worker = self._workers.get(command.worker_id)
@@ -218,6 +229,9 @@ class NodeAgent:
                     EventKind.FETCH_PROGRESS, model=command.model, worker_id=command.worker_id,
                     received_bytes=received, total_bytes=total))
 
+        key = _cache_key(command, command.degree, command.stage)
+        if await self._restore_cached(key, worker.partition, command.worker_id, started):
+            return True
         try:
             result = await self._fetch(
                 command.storage_url or self.config.storage_url,
@@ -231,8 +245,30 @@ class NodeAgent:
         await self._report(EventKind.FETCH_DONE, model=command.model,
                            worker_id=command.worker_id, num_bytes=result.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6),
-                           bytes_per_s=round(result.bytes_per_s))
+                           bytes_per_s=round(result.bytes_per_s), cached=False)
+        self._keep(key, worker.partition)
         return True
+
+    async def _restore_cached(self, key: CacheKey, dest: Path, worker_id: str,
+                              started: float, **data: Any) -> bool:
+        """A cache hit: the partition is in place, complete; reported as fetched."""
+        if self.cache is None:
+            return False
+        entry = await asyncio.to_thread(self.cache.restore, key, dest)
+        if entry is None:
+            return False
+        await self._report(EventKind.FETCH_DONE, model=key.model, worker_id=worker_id,
+                           num_bytes=entry.num_bytes,
+                           fetch_s=round(time.monotonic() - started, 6), cached=True,
+                           **data)
+        return True
+
+    def _keep(self, key: CacheKey, partition: Path) -> None:
+        if self.cache is not None:
+            try:
+                self.cache.add(key, partition)
+            except OSError as exc:  # a cache that cannot take it only costs a later fetch
+                logger.warning("caching %s failed: %r", key.label, exc)
 
     async def _watch(self, worker: _Worker, handle: WorkerHandle) -> None:
         exit_code = await handle.wait()
@@ -253,6 +289,12 @@ class NodeAgent:
                            exit_code=exit_code, was_running=True, asked=worker.is_stopping,
                            error=error)
         worker.stopped.set()
+
+
+def _cache_key(command: PlaceWorkerCommand | ConsolidateCommand, degree: int,
+               stage: int) -> CacheKey:
+    return CacheKey(model=command.model, storage_model=command.storage_model or command.model,
+                    degree=degree, stage=stage)
 
 
 def _remove_files(worker: _Worker) -> None:

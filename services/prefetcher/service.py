@@ -133,7 +133,8 @@ class NodeAgentService:
         return NodeInfo(node_id=self.config.agent.node_id, gpu_type=self.config.gpu_type,
                         gpu_memory_bytes=self.config.gpu_memory_bytes,
                         nic_bandwidth_bytes_per_s=self.config.nic_bandwidth_bytes_per_s,
-                        worker_ids=agent.worker_ids).model_dump()
+                        worker_ids=agent.worker_ids,
+                        cached=agent.cache.labels if agent.cache else []).model_dump()
 
     async def _report(self, kind: str, *, model: str | None = None,
                       worker_id: str | None = None, **data: Any) -> None:

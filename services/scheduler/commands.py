@@ -56,7 +56,8 @@ def to_policy_event(event: Event) -> policy.Event | None:
         except ValidationError:
             return None
         return policy.NodeHeartbeat(info.node_id, info.gpu_type, info.gpu_memory_bytes,
-                                    info.nic_bandwidth_bytes_per_s)
+                                    info.nic_bandwidth_bytes_per_s,
+                                    cached=frozenset(info.cached))
     worker_id = _policy_worker_id(event.worker_id)
     if worker_id is None:
         return None

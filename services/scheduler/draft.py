@@ -80,12 +80,14 @@ class Draft:
         return self.next_worker_id - 1
 
     def add_worker(self, worker: WorkerState, fetch: Fetch) -> None:
-        """Record a placed worker: its node gives up the memory and starts the fetch."""
+        """Record a placed worker: its node gives up the memory and starts the fetch (none
+        when the node has the bytes in its host-memory cache: the NIC stays free)."""
         node = self.nodes[worker.node_id]
         self.workers[worker.worker_id] = worker
+        fetches = (*node.fetches, fetch) if fetch.num_bytes > 0 else node.fetches
         self.nodes[node.node_id] = replace(
             node, free_gpu_memory_bytes=node.free_gpu_memory_bytes - worker.gpu_memory_bytes,
-            fetches=(*node.fetches, fetch))
+            fetches=fetches)
 
     def remove_worker(self, worker_id: int) -> WorkerState:
         """Forget a worker that is gone: its node gets the memory back, its fetch ends."""

@@ -72,6 +72,8 @@ class NodeHeartbeat:
     gpu_type: str
     gpu_memory_bytes: int
     nic_bandwidth_bytes_per_s: int
+    # partitions in the node's host-memory cache, `<model>/<degree>/<stage>`
+    cached: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,11 @@ def place_single_worker(nodes: Mapping[str, NodeState], model: ModelSpec, now: f
     candidates = [n for n in nodes.values() if n.is_up and n.free_gpu_memory_bytes >= num_bytes]
     if not candidates:
         return None
-    node = min(candidates, key=lambda n: (-n.free_gpu_memory_bytes, n.node_id))
+    # a node holding the model in its host-memory cache starts it without a fetch
+    node = min(candidates, key=lambda n: (not n.holds_model(model.name),
+                                          -n.free_gpu_memory_bytes, n.node_id))
+    if node.holds_model(model.name):
+        return (_cached_plan(node, model, num_bytes),)
     share = node.nic_bandwidth_bytes_per_s / (len(node.fetches) + 1)
     return (WorkerPlan(node_id=node.node_id, stage=0, start_layer=0, end_layer=model.num_layers,
                        gpu_memory_bytes=num_bytes, is_full_size=True,
@@ -85,6 +89,12 @@ def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
     # fastest first; then the most free memory, then the smallest id, so ties are deterministic
     ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
                     key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes, n.node_id))
+    cached = [n for n in nodes.values() if n.is_up and n.holds_model(model.name)
+              and n.free_gpu_memory_bytes >= full_bytes]
+    if cached:
+        # from host memory no pipeline fetches faster: one worker, no NIC used
+        node = min(cached, key=lambda n: (-n.free_gpu_memory_bytes, n.node_id))
+        return (_cached_plan(node, model, full_bytes),)
     head = next((n for n in ranked if n.free_gpu_memory_bytes >= full_bytes), None)
     if head is None:
         return None
@@ -115,6 +125,13 @@ def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
     # anyway.
     return _stage_plans(model, [head], [(0, model.num_layers)], bandwidths,
                         full_bytes=full_bytes, partial_bytes=full_bytes)
+
+
+def _cached_plan(node: NodeState, model: ModelSpec, num_bytes: int) -> WorkerPlan:
+    """One whole-model worker on a node that has the model in its host-memory cache."""
+    return WorkerPlan(node_id=node.node_id, stage=0, start_layer=0, end_layer=model.num_layers,
+                      gpu_memory_bytes=num_bytes, is_full_size=True, fetch_bytes=0,
+                      fetch_bandwidth_bytes_per_s=float(node.nic_bandwidth_bytes_per_s))
 
 
 def _stage_plans(model: ModelSpec, chosen: list[NodeState], ranges: list[tuple[int, int]],

@@ -277,7 +277,7 @@ def _on_node_heartbeat(draft: Draft, event: NodeHeartbeat, now: float) -> None:
         node_id=event.node_id, gpu_type=event.gpu_type, gpu_memory_bytes=event.gpu_memory_bytes,
         free_gpu_memory_bytes=event.gpu_memory_bytes - used,
         nic_bandwidth_bytes_per_s=event.nic_bandwidth_bytes_per_s, state=NodeStatus.UP,
-        last_heartbeat=now, fetches=fetches)
+        last_heartbeat=now, fetches=fetches, cached=event.cached)
 
 
 def _take_node_down(draft: Draft, node_id: str) -> None:

@@ -103,6 +103,12 @@ class NodeState:
     last_heartbeat: float
     # fetches in flight, by worker id order
     fetches: tuple[Fetch, ...] = ()
+    # partitions in the node's host-memory cache (`<model>/<degree>/<stage>`, heartbeats)
+    cached: frozenset[str] = frozenset()
+
+    def holds_model(self, model: str) -> bool:
+        """The whole model is in this node's host-memory cache (degree 1, stage 0)."""
+        return f"{model}/1/0" in self.cached
 
     @property
     def is_up(self) -> bool:

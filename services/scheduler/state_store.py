@@ -59,7 +59,7 @@ async def load_state(session: AsyncSession) -> ClusterState:
         .join(Model).where(Worker.state != WorkerStatus.STOPPED).order_by(Worker.id))).all()
     workers = {row.id: _worker_state(row, model) for row, model in worker_rows}
     fetches = [(row.node_id, _fetch(row)) for row, _ in worker_rows
-               if row.state is WorkerStatus.STARTING and row.fetch_bytes is not None]
+               if row.state is WorkerStatus.STARTING and row.fetch_bytes]
     nodes = {row.id: _node_state(row, workers.values(), fetches)
              for row in await session.scalars(select(Node))}
     max_endpoint_id = await session.scalar(select(func.max(Endpoint.id)))

@@ -1,7 +1,8 @@
 """The single-worker cold start end to end: storage (demo model imported), scheduler, two node
 agents and the gateway as real processes over real NATS and PostgreSQL; the `openai` client
 asks for a model no worker serves -> placed -> fetched while the worker starts -> answered;
-then warm; then scaled to zero after its keep-alive, and cold-started again."""
+then warm; then scaled to zero after its keep-alive, and cold-started again from the node's
+host-memory cache."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def cold_stack(nats_url: str, cold_database_url: str, demo_model_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ColdStack]:
     with cluster(nats_url=nats_url, database_url=cold_database_url, model_dir=demo_model_dir,
                  workspace=tmp_path_factory.mktemp("cold"), name="demo-cold",
-                 node_names=NODE_IDS, scheduler_args=["--keep-alive", str(KEEP_ALIVE_S)]
-                 ) as stack:
+                 node_names=NODE_IDS, scheduler_args=["--keep-alive", str(KEEP_ALIVE_S)],
+                 cache_gb=1.0) as stack:
         yield stack
 
 
@@ -113,4 +114,7 @@ def test_an_idle_worker_stops_after_its_keep_alive_and_the_next_request_cold_sta
     assert text == expected_text(reference_engine, 12)
     events = wait_for_events(cold_stack,
                              lambda es: len(kinds(es, EventKind.REQUEST_DONE)) == 3)
-    assert len(kinds(events, EventKind.WORKER_PLACED)) == 2
+    first, second = kinds(events, EventKind.WORKER_PLACED)
+    # the first worker's node kept the model in its host-memory cache and got the second
+    assert second.node_id == first.node_id
+    assert [e.data["cached"] for e in kinds(events, EventKind.FETCH_DONE)] == [False, True]

@@ -340,3 +340,53 @@ def test_bus_events_carry_the_measurements_to_the_policy() -> None:
     assert events[2] == WorkerConsolidated(3)
     assert to_policy_event(Event(kind=EventKind.WORKER_READY, worker_id="3")) == WorkerReady(3)
 
+
+
+# --- the host-memory cache -------------------------------------------------------------------
+
+
+def cached(node: NodeState, *labels: str) -> NodeState:
+    return NodeState(**{**node.__dict__, "cached": frozenset(labels)})
+
+
+def test_a_node_holding_the_model_in_host_memory_gets_a_single_worker_and_no_fetch() -> None:
+    nodes = [node_state("a", 24), cached(node_state("b", 40), "llama/1/0"),
+             node_state("c", 80)]
+
+    state, commands = run(HYDRASERVE, cluster([LLAMA], nodes),
+                          [(0.0, RequestArrived("r1", "llama"))])
+
+    # without the cache this SLO needs two stages (the test above); from memory one suffices
+    assert commands == [place(1, "b", degree=1, stage=0, layers=(0, 32), gpu_bytes=FULL)]
+    assert state.nodes["b"].fetches == ()
+
+
+@pytest.mark.parametrize("policy", [SINGLE_WORKER, SERVERLESS_VLLM], ids=["single", "vllm"])
+def test_the_baselines_prefer_the_node_with_the_cached_model(policy: Policy) -> None:
+    nodes = [node_state("a", 24), cached(node_state("b", 40), "llama/1/0", "other/1/0"),
+             node_state("c", 80)]
+
+    _, commands = run(policy, cluster([LLAMA], nodes), [(0.0, RequestArrived("r1", "llama"))])
+
+    assert commands == [place(1, "b", degree=1, stage=0, layers=(0, 32), gpu_bytes=FULL,
+                              overlap=policy.overlap)]
+
+
+def test_a_cached_stage_of_a_pipeline_does_not_count_as_the_whole_model() -> None:
+    nodes = [node_state("a", 24), cached(node_state("b", 40), "llama/2/0"),
+             node_state("c", 80), node_state("d", 10)]
+
+    _, commands = run(HYDRASERVE, cluster([LLAMA], nodes), [(0.0, RequestArrived("r1", "llama"))])
+
+    assert commands == PIPELINE_PLACED
+
+
+def test_heartbeats_carry_the_cached_partitions_to_the_policy() -> None:
+    info = {"node_id": "n1", "gpu_type": "cpu", "gpu_memory_bytes": GB,
+            "nic_bandwidth_bytes_per_s": GBPS, "cached": ["llama/1/0"]}
+    event = to_policy_event(Event(kind=EventKind.NODE_HEARTBEAT, node_id="n1", data=info))
+
+    state, _ = HYDRASERVE.decide(cluster([LLAMA], []), event, 0.0)  # type: ignore[arg-type]
+
+    assert state.nodes["n1"].cached == frozenset({"llama/1/0"})
+    assert state.nodes["n1"].holds_model("llama")
