@@ -7,6 +7,8 @@ the full-size worker remains and serves the next request alone."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +125,15 @@ def test_a_pipelined_cold_start_consolidates_mid_stream_with_the_same_tokens(
     stopped = kinds(events, EventKind.WORKER_STOPPED, by="node_agent")
     assert sorted(e.worker_id for e in stopped) == sorted(e.worker_id for e in placed[1:])
     assert all(e.data["asked"] for e in stopped)
+    timeline = subprocess.run(
+        [sys.executable, "-m", "hydraserve.cli", "events", "timeline", done.request_id or "",
+         "--nats", stack.nats_url, "--png", str(stack.logs / "timeline.png")],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [line.split() for line in timeline.splitlines()]
+    for stage, worker in enumerate(placed):
+        phases = {" ".join(row[2:-3]) for row in rows if row[:2] == [str(stage), worker.worker_id]}
+        assert {"fetch", "imports", "load", "engine ready"} <= phases, timeline
+    assert (stack.logs / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"\ndegree {degree}: KV of {migrated.data['num_seqs']} sequence(s), "
           f"{migrated.data['num_bytes']} bytes, pause {migrated.data['pause_s'] * 1000:.1f} ms")
 
