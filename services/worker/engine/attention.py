@@ -29,6 +29,10 @@ class ForwardBatch:
     slot_tensor: torch.Tensor = field(init=False)
     context_tensor: torch.Tensor = field(init=False)
     decode_mask: torch.Tensor | None = field(init=False, default=None)
+    # decode only: (kv_heads, group, dtype) -> [num_seqs * kv_heads, group, kv_len] additive
+    # mask (0 or -inf), built once per step for every layer
+    _score_masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
+        init=False, default_factory=dict)
     # decode only: slots are exactly 0..num_seqs-1, so the cache can be read as a view
     is_contiguous: bool = field(init=False, default=False)
 
@@ -54,6 +58,20 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
+
+    def score_mask(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """Decode: [num_seqs * kv_heads, group, kv_len], 0 where a key is visible, else -inf."""
+        key = (num_kv_heads, group, dtype)
+        mask = self._score_masks.get(key)
+        if mask is None:
+            assert self.decode_mask is not None
+            num_seqs, kv_len = self.decode_mask.shape[0], self.decode_mask.shape[-1]
+            mask = torch.zeros(self.decode_mask.shape, dtype=dtype, device=self.device)
+            mask.masked_fill_(~self.decode_mask, float("-inf"))
+            mask = mask.expand(num_seqs, num_kv_heads, group, kv_len).reshape(
+                num_seqs * num_kv_heads, group, kv_len)
+            self._score_masks[key] = mask
+        return mask
 
     def last_token_indices(self) -> torch.Tensor:
         """Index of each sequence's last token in the packed tensor."""
@@ -93,7 +111,7 @@ def _prefill_attention(
         # [Hkv, n, D] for this sequence
         seq_k = k[start:start + n].transpose(0, 1)
         seq_v = v[start:start + n].transpose(0, 1)
-        k_cache[slot, :, ctx:ctx + n] = seq_k
+        k_cache[slot, :, :, ctx:ctx + n] = seq_k.transpose(-1, -2)
         v_cache[slot, :, ctx:ctx + n] = seq_v
         seq_q = q[start:start + n].transpose(0, 1)  # [H, n, D]
         if ctx == 0:
@@ -103,7 +121,7 @@ def _prefill_attention(
             )
         else:
             # continuing a sequence: the new tokens see the whole cached prefix
-            keys = k_cache[slot, :, :ctx + n]
+            keys = k_cache[slot, :, :, :ctx + n].transpose(-1, -2)
             values = v_cache[slot, :, :ctx + n]
             mask = torch.ones(n, ctx + n, dtype=torch.bool, device=q.device).tril(ctx)
             out = F.scaled_dot_product_attention(
@@ -124,23 +142,29 @@ def _decode_attention(
     batch: ForwardBatch,
     scale: float,
 ) -> torch.Tensor:
+    # A handful of ops per layer; the mask is built once per step (ForwardBatch).
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    num_kv_heads = v_cache.shape[1]
     slots, positions = batch.slot_tensor, batch.context_tensor
-    k_cache[slots, :, positions] = k
+    k_cache[slots, :, :, positions] = k  # keys are stored transposed (see kv_cache.py)
     v_cache[slots, :, positions] = v
-    mask = batch.decode_mask
-    assert mask is not None
+    group = num_heads // num_kv_heads
+    mask = batch.score_mask(num_kv_heads, group, q.dtype)
     kv_len = mask.shape[-1]
     if batch.is_contiguous:
-        keys, values = k_cache[:num_seqs, :, :kv_len], v_cache[:num_seqs, :, :kv_len]
+        keys, values = k_cache[:num_seqs, :, :, :kv_len], v_cache[:num_seqs, :, :kv_len]
     else:
-        keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
-    # Grouped-query attention as a batched matmul over [seq, kv_head, group]: no KV repeat.
-    group = num_heads // num_kv_heads
-    grouped_q = q.view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(grouped_q, keys.transpose(-1, -2)) * scale  # [B, Hkv, G, kv_len]
-    scores = scores.float().masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
-    return out.reshape(num_seqs, num_heads * head_dim)
+        keys, values = k_cache[slots, :, :, :kv_len], v_cache[slots, :, :kv_len]
+    # Grouped-query attention as a batched matmul over [seq * kv_head, group]: no KV repeat.
+    # [num_seqs, kv_heads, ...] merges its first two dims as a view (slot stride =
+    # kv_heads * head stride), so neither matmul copies the cache.
+    grouped_q = q.reshape(num_seqs * num_kv_heads, group, head_dim)
+    keys = keys.reshape(num_seqs * num_kv_heads, head_dim, kv_len)  # transposed already
+    values = values.reshape(num_seqs * num_kv_heads, kv_len, head_dim)
+    # scale * q.k + mask in one op. The mask adds -inf, so a key read must be finite
+    # (NaN + -inf = NaN): KVCache.make_readable zeroes never-written keys as well as values.
+    scores = torch.baddbmm(mask, grouped_q, keys, alpha=scale)
+    # half-precision caches: softmax in float32, as transformers does
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.bmm(probs, values)  # [B * Hkv, G, D]
+    return out.view(num_seqs, num_heads * head_dim)

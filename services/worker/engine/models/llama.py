@@ -23,6 +23,7 @@ from services.worker.engine.models.base import (
     StageInput,
     StageModel,
     hf_get,
+    use_packed,
 )
 
 
@@ -75,14 +76,20 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
         num_tokens, d = x.shape[0], self.args.head_dim
-        if self.qkv is not None:
-            q, k, v = self.qkv(x)
+        num_heads, num_kv_heads = self.args.num_heads, self.args.num_kv_heads
+        if self.qkv is not None and use_packed(x):
+            # q and k sit side by side in the fused output: rotate them as one tensor
+            qkv = self.qkv.joined(x)  # [T, (H + 2 * Hkv) * D]
+            qk = self.rotary.rotate(qkv[:, :(num_heads + num_kv_heads) * d]
+                                    .view(num_tokens, num_heads + num_kv_heads, d),
+                                    batch.positions)
+            q, k = qk[:, :num_heads], qk[:, num_heads:]
+            v = qkv[:, (num_heads + num_kv_heads) * d:].view(num_tokens, num_kv_heads, d)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(num_tokens, self.args.num_heads, d)
-        k = k.view(num_tokens, self.args.num_kv_heads, d)
-        v = v.view(num_tokens, self.args.num_kv_heads, d)
-        q, k = self.rotary.apply(q, k, batch.positions)
+            q = self.q_proj(x).view(num_tokens, num_heads, d)
+            k = self.k_proj(x).view(num_tokens, num_kv_heads, d)
+            v = self.v_proj(x).view(num_tokens, num_kv_heads, d)
+            q, k = self.rotary.apply(q, k, batch.positions)
         out = cached_attention(q, k, v, k_cache=k_cache, v_cache=v_cache, batch=batch,
                                scale=self.scale)
         return self.o_proj(out)
@@ -98,11 +105,11 @@ class LlamaMLP(nn.Module):
         self.gate_up: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
+        if self.gate_up is not None and use_packed(x):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
