@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydraserve.control_args import add_events_parser, add_models_parser
+from hydraserve.workload.cli import add_workload_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -35,6 +36,12 @@ def _models(args: argparse.Namespace) -> int:
     from hydraserve.models_cli import run_models
 
     return run_models(args)
+
+
+def _workload(args: argparse.Namespace) -> int:
+    from hydraserve.workload.cli import run_workload
+
+    return run_workload(args)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -145,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_events_parser(commands).set_defaults(handler=_events)
     add_models_parser(commands).set_defaults(handler=_models)
+    add_workload_parser(commands).set_defaults(handler=_workload)
     return parser
 
 

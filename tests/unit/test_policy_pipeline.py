@@ -390,3 +390,43 @@ def test_heartbeats_carry_the_cached_partitions_to_the_policy() -> None:
 
     assert state.nodes["n1"].cached == frozenset({"llama/1/0"})
     assert state.nodes["n1"].holds_model("llama")
+
+
+# --- a fixed degree (experiments, bench/coldstart.py) ----------------------------------------
+
+
+def test_a_fixed_degree_places_that_many_stages_whatever_the_slo() -> None:
+    import dataclasses
+    import functools
+
+    from services.scheduler.placement import place_fixed_degree
+
+    policy = dataclasses.replace(HYDRASERVE, placer=functools.partial(place_fixed_degree,
+                                                                      degree=4))
+    nodes = [node_state("a", 24), node_state("b", 40), node_state("c", 80),
+             node_state("e", 24)]
+    quarter = -(-(14 * GB) // 4)
+
+    _, commands = run(policy, cluster([LLAMA], nodes), [(0.0, RequestArrived("r1", "llama"))])
+
+    assert commands == [
+        place(1, "c", degree=4, stage=0, layers=(0, 8), gpu_bytes=FULL),
+        place(2, "b", degree=4, stage=1, layers=(8, 16), gpu_bytes=quarter),
+        place(3, "a", degree=4, stage=2, layers=(16, 24), gpu_bytes=quarter),
+        place(4, "e", degree=4, stage=3, layers=(24, 32), gpu_bytes=quarter),
+    ]
+
+
+def test_a_fixed_degree_shrinks_to_the_nodes_there_are() -> None:
+    import dataclasses
+    import functools
+
+    from services.scheduler.placement import place_fixed_degree
+
+    policy = dataclasses.replace(HYDRASERVE, placer=functools.partial(place_fixed_degree,
+                                                                      degree=4))
+
+    _, commands = run(policy, cluster([LLAMA], [node_state("b", 40), node_state("c", 80)]),
+                      [(0.0, RequestArrived("r1", "llama"))])
+
+    assert commands == PIPELINE_PLACED
