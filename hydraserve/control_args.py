@@ -40,6 +40,22 @@ def add_events_parser(commands: SubParsers) -> argparse.ArgumentParser:
     line.add_argument("--since", help="read only events this recent (faster on a long stream)")
     line.add_argument("--png", type=Path, default=None, metavar="PATH",
                       help="also draw the cold start's stages as a Gantt chart into PATH")
+    replay = sub.add_parser(
+        "replay", parents=[common],
+        help="feed the stored events to the scheduler's policy; check its decisions match",
+        description="Replay the stored events (from a scheduler's start on a fresh database) "
+                    "through the policy; exit 1 at the first decision that differs.")
+    replay.add_argument("--policy", default="hydraserve",
+                        choices=["hydraserve", "serverless_vllm", "single_worker"],
+                        help="the scheduler's --policy (default: %(default)s)")
+    replay.add_argument("--degree", type=int, choices=[1, 2, 3, 4],
+                        help="the scheduler's --degree (with --policy hydraserve)")
+    replay.add_argument("--tick", type=float, default=1.0,
+                        help="the scheduler's tick period in seconds (default: %(default)s)")
+    replay.add_argument("--heartbeat-timeout", type=float, default=15.0,
+                        help="the scheduler's --heartbeat-timeout (default: %(default)s)")
+    replay.add_argument("--since", help="start this long ago: 30s, 10m, 2h, 1d")
+    replay.add_argument("--model", help="compare only the decisions about this model")
     return events
 
 

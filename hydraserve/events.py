@@ -1,11 +1,12 @@
-"""`hydraserve events tail|show|timeline`: read the HS_EVENTS stream.
+"""`hydraserve events tail|show|timeline|replay`: read the HS_EVENTS stream.
 
 Each command reads with an ordered, ephemeral push consumer (no state left on the server),
 filtered server-side by subject (kind, model) and client-side by the other ids. `show` reads
 what is stored and exits; `tail` follows new events (or from `--since`) until interrupted or
 `--count` events have been printed; `timeline` renders one request's cold start: its
 events, and where the endpoint's placed workers are known, a table of each stage's phases
-(and with `--png`, a Gantt chart of them).
+(and with `--png`, a Gantt chart of them); `replay` feeds the stored events to the
+scheduler's policy and checks that the same decisions come out (`hydraserve.replay`).
 """
 
 from __future__ import annotations
@@ -140,12 +141,27 @@ def show_timeline(request_id: str, events: list[Event], out: TextIO, *,
     return 0
 
 
+def replay_events(args: argparse.Namespace, out: TextIO) -> int:
+    """`events replay`: 0 if the policy decides what the stored events recorded, else 1."""
+    from hydraserve.replay import build_policy, replay
+
+    chosen = build_policy(args.policy, degree=args.degree,
+                          heartbeat_timeout_s=args.heartbeat_timeout)
+    events = asyncio.run(collect(args.nats, EventFilter(since=_since(args))))
+    result = replay(events, chosen, tick_s=args.tick, model=args.model)
+    for line in result.format():
+        print(line, file=out)
+    return 0 if result.divergence is None else 1
+
+
 def run_events(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """The `events` subcommands; 1 on a bad argument or an unreachable bus."""
     if args.nats is None:  # read at the edge, only by the commands that need it
         args.nats = Settings().nats.url
     out = out or sys.stdout
     try:
+        if args.events_command == "replay":
+            return replay_events(args, out)
         if args.events_command == "timeline":
             events = asyncio.run(collect(args.nats, EventFilter(since=_since(args))))
             return show_timeline(args.request_id, events, out, png=args.png)

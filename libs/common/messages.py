@@ -151,6 +151,8 @@ class EventKind:
     WORKER_STOP_REQUESTED = "worker.stop_requested"
     # the node agent spawned the worker process (pid in data)
     WORKER_LAUNCHED = "worker.launched"
+    # scheduler: a model's spec as the policy got it (replay rebuilds the policy's models)
+    MODEL_REGISTERED = "model.registered"
     NODE_REGISTERED = "node.registered"
     NODE_HEARTBEAT = "node.heartbeat"
     # the scheduler took the node for gone (heartbeat timeout)

@@ -24,6 +24,7 @@ from libs.common.messages import (
 )
 from libs.common.subjects import command_subject
 from services.scheduler import events as policy
+from services.scheduler.state import ModelSpec
 
 _NODE_KINDS = (EventKind.NODE_REGISTERED, EventKind.NODE_HEARTBEAT)
 
@@ -125,6 +126,38 @@ def to_outgoing(command: policy.Command, *, storage_url: str,
                             consolidate.command_id)
         case _:
             return None
+
+
+def model_registered_event(spec: ModelSpec, *, now: float) -> Event:
+    """The event recording that the policy was fed `ModelRegistered(spec)` at `now`."""
+    data = {"size_bytes": spec.size_bytes, "num_layers": spec.num_layers,
+            "kv_cache_bytes": spec.kv_cache_bytes, "ttft_slo_s": spec.ttft_slo_s,
+            "tpot_slo_s": spec.tpot_slo_s, "max_pipeline_degree": spec.max_pipeline_degree,
+            "keep_alive_s": spec.keep_alive_s,
+            # JSON keys are strings: degree -> layer cuts / stage bytes
+            "stage_boundaries": {str(d): list(b) for d, b in spec.stage_boundaries.items()},
+            "stage_bytes": {str(d): list(b) for d, b in spec.stage_bytes.items()}}
+    return Event(kind=EventKind.MODEL_REGISTERED, time=now, model=spec.name, data=data)
+
+
+def model_spec_of(event: Event) -> ModelSpec | None:
+    """The spec a `model.registered` event recorded; None if it is not one or malformed."""
+    data = event.data
+    if event.kind != EventKind.MODEL_REGISTERED or event.model is None:
+        return None
+    try:
+        return ModelSpec(
+            name=event.model, size_bytes=int(data["size_bytes"]),
+            num_layers=int(data["num_layers"]), kv_cache_bytes=int(data["kv_cache_bytes"]),
+            ttft_slo_s=float(data["ttft_slo_s"]), tpot_slo_s=float(data["tpot_slo_s"]),
+            max_pipeline_degree=int(data["max_pipeline_degree"]),
+            keep_alive_s=float(data["keep_alive_s"]),
+            stage_boundaries={int(d): tuple(int(x) for x in b)
+                              for d, b in data.get("stage_boundaries", {}).items()},
+            stage_bytes={int(d): tuple(int(x) for x in b)
+                         for d, b in data.get("stage_bytes", {}).items()})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def _startup_s(data: dict[str, Any]) -> float | None:

@@ -39,7 +39,7 @@ from libs.common.settings import BusSettings, NatsSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
 from services.scheduler import backlog
 from services.scheduler import events as policy_events
-from services.scheduler.commands import to_outgoing, to_policy_event
+from services.scheduler.commands import model_registered_event, to_outgoing, to_policy_event
 from services.scheduler.policy import HYDRASERVE, Policy
 from services.scheduler.registration import (
     ModelRegistration,
@@ -227,6 +227,9 @@ class SchedulerService:
         if _has_stored_changes(before, after):
             await store.apply(before, after, now=now)
         self.state = after
+        if isinstance(event, policy_events.ModelRegistered):
+            # recorded for replay: the policy's models come from flags and the database
+            await publish_event(nc, model_registered_event(event.model, now=now))
         for command in commands:
             await self._send(nc, js, command)
 
