@@ -310,6 +310,9 @@ async def run_mode(cluster: Cluster, log: EventLog, mode: str, args: argparse.Na
             events = log.since(sent_at)
             if mode == "hydraserve" and args.degree > 1:
                 await log.wait_for(sent_at, EventKind.WORKER_CONSOLIDATED)
+                # the released stages' processes exit first (they share the 2 cores)
+                await log.wait_for(sent_at, EventKind.WORKER_STOPPED, count=args.degree - 1,
+                                   by="node_agent")
             warm, _ = await stream(cluster.api, cluster.model, args.max_tokens)
             if result.warm is None or warm.tpot_s < result.warm.tpot_s:
                 result.warm = warm
