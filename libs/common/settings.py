@@ -9,6 +9,7 @@ takes the values it needs as arguments and never reads the environment. Examples
     HYDRASERVE_GATEWAY__API_KEYS='["sk-team-a", "sk-team-b"]'
     HYDRASERVE_GATEWAY__MODELS='["meta-llama/Llama-2-7b-chat-hf"]'
     HYDRASERVE_GATEWAY__STORAGE_URL=http://storage:8600
+    HYDRASERVE_GATEWAY__DEFAULT_MAX_REQUESTS_PER_MINUTE=600
     HYDRASERVE_DATABASE__URL=postgresql+asyncpg://postgres:pw@postgres:5432/hydraserve
     HYDRASERVE_WORKER__ACK_WAIT_S=30
 """
@@ -61,6 +62,11 @@ class GatewaySettings(BaseModel):
     inter_token_timeout_s: float = Field(default=30.0, gt=0)
     # the Retry-After a 503 suggests
     retry_after_s: int = Field(default=5, ge=0)
+    # limits of a tenant that has none of its own, and of each key in `api_keys`
+    # (None: no limit); per gateway replica, see docs/TENANTS.md
+    default_max_requests_per_minute: int | None = Field(default=None, gt=0)
+    default_max_tokens_per_minute: int | None = Field(default=None, gt=0)
+    default_max_concurrent_requests: int | None = Field(default=None, gt=0)
 
 
 class WorkerSettings(BaseModel):

@@ -6,17 +6,17 @@ Host, port, keys, models and NATS come from the environment (`HYDRASERVE_GATEWAY
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
+from libs.common.logging import configure_logging
 from libs.common.settings import Settings
+from libs.common.tracing import configure_tracing
 from services.gateway.app import create_app
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("gateway")
+    configure_tracing("gateway")
     settings = Settings()
     uvicorn.run(create_app(settings), host=settings.gateway.host, port=settings.gateway.port,
                 log_config=None, timeout_graceful_shutdown=10)

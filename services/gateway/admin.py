@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 
 from libs.common.errors import ServiceUnavailableError
 from services.gateway.admin_schemas import (
+    INT32_MAX,
+    CreateTenant,
     EndpointOut,
     IssuedKey,
     IssueKey,
+    IssueTenantKey,
     ModelOut,
     NodeOut,
     RegisterModel,
+    TenantOut,
+    UpdateTenant,
     WorkerOut,
 )
 from services.gateway.admin_service import AdminService
@@ -78,12 +83,40 @@ async def list_workers(admin: Admin, service: Service) -> dict[str, list[WorkerO
     return {"data": await service.list_workers()}
 
 
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: CreateTenant, admin: Admin, service: Service) -> TenantOut:
+    return await service.create_tenant(body, actor=admin.key_id)
+
+
+@router.get("/tenants")
+async def list_tenants(admin: Admin, service: Service) -> dict[str, list[TenantOut]]:
+    return {"data": await service.list_tenants()}
+
+
+@router.get("/tenants/{name}")
+async def describe_tenant(name: str, admin: Admin, service: Service) -> TenantOut:
+    return await service.describe_tenant(name)
+
+
+@router.patch("/tenants/{name}")
+async def update_tenant(name: str, body: UpdateTenant, admin: Admin,
+                        service: Service) -> TenantOut:
+    return await service.update_tenant(name, body, actor=admin.key_id)
+
+
+@router.post("/tenants/{name}/keys", status_code=201)
+async def issue_tenant_key(name: str, body: IssueTenantKey, admin: Admin,
+                           service: Service) -> IssuedKey:
+    return await service.issue_tenant_key(name, body, actor=admin.key_id)
+
+
 @router.post("/keys", status_code=201)
 async def issue_key(body: IssueKey, admin: Admin, service: Service) -> IssuedKey:
     return await service.issue_key(body, actor=admin.key_id)
 
 
 @router.delete("/keys/{api_key_id}", status_code=204)
-async def revoke_key(api_key_id: int, admin: Admin, service: Service) -> Response:
+async def revoke_key(api_key_id: Annotated[int, Path(ge=1, le=INT32_MAX)], admin: Admin,
+                     service: Service) -> Response:
     await service.revoke_key(api_key_id, actor=admin.key_id)
     return Response(status_code=204)

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.db.models import MAX_PIPELINE_DEGREE
 
+# the largest values the database's INTEGER and BIGINT columns hold (beyond: a 500)
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
 
 class RegisterModel(BaseModel):
     """POST /admin/models"""
@@ -17,12 +21,14 @@ class RegisterModel(BaseModel):
     name: str = Field(min_length=1, max_length=120)
     # an HF checkpoint folder, as the storage service sees it
     path: str = Field(min_length=1)
-    ttft_slo_ms: int = Field(gt=0)
-    tpot_slo_ms: int = Field(gt=0)
+    ttft_slo_ms: int = Field(gt=0, le=INT32_MAX)
+    tpot_slo_ms: int = Field(gt=0, le=INT32_MAX)
     max_pipeline_degree: int = Field(default=MAX_PIPELINE_DEGREE, ge=1, le=MAX_PIPELINE_DEGREE)
     keep_alive_s: float = Field(default=60.0, ge=0)
     # KV-cache memory a whole-model worker reserves next to the weights
-    kv_cache_bytes: int = Field(default=0, ge=0)
+    kv_cache_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
+    # the name of the tenant the model is private to; None: public
+    owner_tenant: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 class PartitionOut(BaseModel):
@@ -47,7 +53,46 @@ class ModelOut(BaseModel):
     max_pipeline_degree: int
     keep_alive_s: float
     created_at: datetime
+    # the tenant the model is private to; None: public
+    owner_tenant: str | None = None
     partitions: list[PartitionOut] = Field(default_factory=list)
+
+
+class TenantLimits(BaseModel):
+    """A tenant's limits; null: the gateway's default (HYDRASERVE_GATEWAY__DEFAULT_*)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # requests admitted in any 60 s window
+    max_requests_per_minute: int | None = Field(default=None, gt=0, le=INT32_MAX)
+    # prompt (estimated) + completion tokens in any 60 s window
+    max_tokens_per_minute: int | None = Field(default=None, gt=0, le=INT32_MAX)
+    # requests in flight at once
+    max_concurrent_requests: int | None = Field(default=None, gt=0, le=INT32_MAX)
+
+
+class CreateTenant(TenantLimits):
+    """POST /admin/tenants"""
+
+    name: str = Field(min_length=1, max_length=128)
+
+
+class UpdateTenant(TenantLimits):
+    """PATCH /admin/tenants/{name}: only the fields given change (null: back to default)."""
+
+
+class TenantOut(TenantLimits):
+    id: int
+    name: str
+    created_at: datetime
+
+
+class IssueTenantKey(BaseModel):
+    """POST /admin/tenants/{name}/keys"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="default", min_length=1, max_length=128)
 
 
 class IssueKey(BaseModel):

@@ -1,6 +1,6 @@
 """The admin API's logic: model registration through the storage service into Postgres,
-the cluster's state, and API keys. Knows nothing of HTTP; every change publishes an audit
-event (`admin.<verb>`) naming the key that made it.
+the cluster's state, tenants with their limits, and API keys. Knows nothing of HTTP; every
+change publishes an audit event (`admin.<verb>`) naming the key that made it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from libs.common.db.session import transaction
 from libs.common.errors import ConflictError, HydraError, NotFoundError
 from libs.common.subjects import encode_token
 from services.gateway.admin_schemas import (
+    CreateTenant,
     EndpointOut,
     IssuedKey,
     IssueKey,
+    IssueTenantKey,
     ModelOut,
     NodeOut,
     PartitionOut,
     RegisterModel,
+    TenantLimits,
+    TenantOut,
+    UpdateTenant,
     WorkerOut,
 )
 from services.gateway.storage_client import StorageClient
@@ -51,6 +56,8 @@ class AdminService:
         async with self._sessionmaker() as session:
             if await session.scalar(select(Model.id).where(Model.name == body.name)):
                 raise ConflictError(f"model {body.name!r} is already registered", param="name")
+            owner = (await _tenant_row(session, body.owner_tenant, param="owner_tenant")
+                     if body.owner_tenant is not None else None)
         storage_name = storage_name_of(body.name)
         info = await self._storage.import_model(path=body.path, name=storage_name)
         try:
@@ -61,7 +68,8 @@ class AdminService:
                 storage_path=self._storage.model_url(storage_name),
                 ttft_slo_ms=body.ttft_slo_ms, tpot_slo_ms=body.tpot_slo_ms,
                 max_pipeline_degree=min(body.max_pipeline_degree, info.max_degree),
-                keep_alive_s=body.keep_alive_s)
+                keep_alive_s=body.keep_alive_s,
+                owner_tenant_id=owner.id if owner is not None else None)
             partitions: list[Partition] = []
             for degree in range(1, model.max_pipeline_degree + 1):
                 for stage in info.partitions[str(degree)]:
@@ -84,20 +92,25 @@ class AdminService:
                                     param="name") from exc
             raise
         await self._audit("admin.model_registered", actor, model=body.name,
-                          architecture=info.architecture, size_bytes=info.num_bytes)
+                          architecture=info.architecture, size_bytes=info.num_bytes,
+                          owner_tenant=body.owner_tenant)
         return await self.describe_model(body.name)
 
     async def list_models(self) -> list[ModelOut]:
         async with self._sessionmaker() as session:
-            rows = await session.scalars(select(Model).order_by(Model.name))
-            return [_model_out(row, []) for row in rows]
+            rows = await session.execute(
+                select(Model, Tenant.name).outerjoin(Tenant, Model.owner_tenant_id == Tenant.id)
+                .order_by(Model.name))
+            return [_model_out(row, owner, []) for row, owner in rows]
 
     async def describe_model(self, name: str) -> ModelOut:
         async with self._sessionmaker() as session:
             row = await _model_row(session, name)
+            owner = (await session.get(Tenant, row.owner_tenant_id)
+                     if row.owner_tenant_id is not None else None)
             parts = await session.scalars(select(Partition).where(Partition.model_id == row.id)
                                           .order_by(Partition.degree, Partition.stage))
-            return _model_out(row, list(parts))
+            return _model_out(row, owner.name if owner is not None else None, list(parts))
 
     async def delete_model(self, name: str, *, actor: str) -> None:
         async with transaction(self._sessionmaker) as session:
@@ -132,15 +145,68 @@ class AdminService:
             rows = await session.scalars(select(Worker).order_by(Worker.id))
             return [WorkerOut.model_validate(row, from_attributes=True) for row in rows]
 
+    # --- tenants -----------------------------------------------------------------------------
+    async def create_tenant(self, body: CreateTenant, *, actor: str) -> TenantOut:
+        try:
+            async with transaction(self._sessionmaker) as session:
+                if await session.scalar(select(Tenant.id).where(Tenant.name == body.name)):
+                    raise ConflictError(f"tenant {body.name!r} already exists", param="name")
+                tenant = Tenant(name=body.name, **_limits_of(body))
+                session.add(tenant)
+                await session.flush()
+                await session.refresh(tenant)
+                out = _tenant_out(tenant)
+        except IntegrityError as exc:  # created meanwhile by another request
+            raise ConflictError(f"tenant {body.name!r} already exists", param="name") from exc
+        await self._audit("admin.tenant_created", actor, tenant=out.name, tenant_id=out.id,
+                          **_limits_of(out))
+        return out
+
+    async def list_tenants(self) -> list[TenantOut]:
+        async with self._sessionmaker() as session:
+            rows = await session.scalars(select(Tenant).order_by(Tenant.name))
+            return [_tenant_out(row) for row in rows]
+
+    async def describe_tenant(self, name: str) -> TenantOut:
+        async with self._sessionmaker() as session:
+            return _tenant_out(await _tenant_row(session, name))
+
+    async def update_tenant(self, name: str, body: UpdateTenant, *, actor: str) -> TenantOut:
+        changed = {field: getattr(body, field) for field in body.model_fields_set}
+        async with transaction(self._sessionmaker) as session:
+            tenant = await _tenant_row(session, name)
+            for field, value in changed.items():
+                setattr(tenant, field, value)
+            await session.flush()
+            out = _tenant_out(tenant)
+        await self._audit("admin.tenant_updated", actor, tenant=name, tenant_id=out.id,
+                          **changed)
+        return out
+
     # --- keys --------------------------------------------------------------------------------
+    async def issue_tenant_key(self, tenant: str, body: IssueTenantKey, *,
+                               actor: str) -> IssuedKey:
+        """A key for an existing tenant; NotFoundError if there is none of that name."""
+        async with transaction(self._sessionmaker) as session:
+            row = await _tenant_row(session, tenant)
+            issued = await issue_api_key(session, tenant_id=row.id, name=body.name)
+        await self._audit("admin.key_issued", actor, api_key_id=issued.api_key_id,
+                          tenant=tenant)
+        return IssuedKey(id=issued.api_key_id, tenant=tenant, tenant_id=row.id,
+                         name=body.name, key=issued.key)
+
     async def issue_key(self, body: IssueKey, *, actor: str) -> IssuedKey:
         async with transaction(self._sessionmaker) as session:
             tenant = await session.scalar(select(Tenant).where(Tenant.name == body.tenant))
+            is_new_tenant = tenant is None
             if tenant is None:
                 tenant = Tenant(name=body.tenant)
                 session.add(tenant)
                 await session.flush()
             issued = await issue_api_key(session, tenant_id=tenant.id, name=body.name)
+        if is_new_tenant:
+            await self._audit("admin.tenant_created", actor, tenant=body.tenant,
+                              tenant_id=tenant.id)
         await self._audit("admin.key_issued", actor, api_key_id=issued.api_key_id,
                           tenant=body.tenant)
         return IssuedKey(id=issued.api_key_id, tenant=body.tenant, tenant_id=tenant.id,
@@ -185,13 +251,31 @@ async def _model_row(session: AsyncSession, name: str) -> Model:
     return row
 
 
-def _model_out(row: Model, partitions: list[Partition]) -> ModelOut:
+async def _tenant_row(session: AsyncSession, name: str, *, param: str = "name") -> Tenant:
+    row = await session.scalar(select(Tenant).where(Tenant.name == name))
+    if row is None:
+        raise NotFoundError(f"tenant {name!r} does not exist", param=param)
+    return row
+
+
+def _limits_of(limits: TenantLimits | TenantOut) -> dict[str, int | None]:
+    return {field: getattr(limits, field) for field in TenantLimits.model_fields}
+
+
+def _tenant_out(row: Tenant) -> TenantOut:
+    return TenantOut(id=row.id, name=row.name, created_at=row.created_at,
+                     max_requests_per_minute=row.max_requests_per_minute,
+                     max_tokens_per_minute=row.max_tokens_per_minute,
+                     max_concurrent_requests=row.max_concurrent_requests)
+
+
+def _model_out(row: Model, owner_tenant: str | None, partitions: list[Partition]) -> ModelOut:
     return ModelOut(
         name=row.name, architecture=row.architecture, family=row.family,
         num_layers=row.num_layers, size_bytes=row.size_bytes, kv_cache_bytes=row.kv_cache_bytes,
         storage_path=row.storage_path, ttft_slo_ms=row.ttft_slo_ms, tpot_slo_ms=row.tpot_slo_ms,
         max_pipeline_degree=row.max_pipeline_degree, keep_alive_s=row.keep_alive_s,
-        created_at=row.created_at,
+        created_at=row.created_at, owner_tenant=owner_tenant,
         partitions=[PartitionOut(degree=p.degree, stage=p.stage, start_layer=p.start_layer,
                                  end_layer=p.end_layer, num_bytes=p.num_bytes)
                     for p in partitions])

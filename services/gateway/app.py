@@ -27,7 +27,9 @@ from services.gateway.auth import ApiKeyAuth
 from services.gateway.broker import RequestBroker
 from services.gateway.completions import CompletionService
 from services.gateway.errors import install_error_handlers
+from services.gateway.observability import ObservabilityMiddleware, add_metrics_route
 from services.gateway.progress import ProgressWatcher
+from services.gateway.ratelimit import RateLimiter
 from services.gateway.registry import DatabaseModelRegistry, ModelRegistry, Registry
 from services.gateway.routes import GatewayServices, router
 from services.gateway.storage_client import StorageClient
@@ -81,7 +83,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> FastA
                      if database is not None else None)
             app.state.services = GatewayServices(
                 auth=auth, registry=registry,
-                completions=CompletionService(broker, registry, progress=ProgressWatcher(nc)),
+                completions=CompletionService(broker, registry, progress=ProgressWatcher(nc),
+                                              limiter=RateLimiter.from_settings(gateway)),
                 admin=admin)
             logger.info("gateway serving %d model(s) over NATS at %s (models from %s)",
                         len(await registry.list()), settings.nats.url,
@@ -99,6 +102,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None) -> FastA
     app = FastAPI(title="HydraServe gateway", lifespan=lifespan)
     app.include_router(router)
     app.include_router(admin_router)
+    add_metrics_route(app)
+    app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app, retry_after_s=gateway.retry_after_s)
     return app

@@ -3,6 +3,10 @@
 Accepted keys: the admin key, the keys given in the settings, and, when the gateway has a
 database, the unrevoked keys issued through the admin API (found by their SHA-256). A key is
 never logged or put on the bus: requests carry the key's id, a short hash.
+
+A database key brings its tenant's limits, read with the key on every request, so a change
+made through the admin API applies at once on every replica. A settings key is limited on its
+own by the gateway's defaults; the admin key is never limited.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from libs.common.db.api_keys import find_active_api_key
+from libs.common.db.api_keys import find_active_api_key_and_tenant
 from libs.common.errors import AuthenticationError, HydraError
+from services.gateway.ratelimit import Limits
 
 
 class PermissionDeniedError(HydraError):
@@ -34,6 +39,15 @@ class Identity:
     is_admin: bool = False
     # the tenant of a key issued through the admin API
     tenant_id: int | None = None
+    # the tenant's own limits (unset ones: the gateway's defaults)
+    limits: Limits | None = None
+
+    @property
+    def limit_subject(self) -> str | None:
+        """Whose limits a request counts against; None: unlimited (the admin key)."""
+        if self.is_admin:
+            return None
+        return f"tenant:{self.tenant_id}" if self.tenant_id is not None else f"key:{self.key_id}"
 
 
 def key_id(key: str) -> str:
@@ -69,9 +83,13 @@ class ApiKeyAuth:
             return Identity(key_id=key_id(key))
         if self._sessionmaker is not None:
             async with self._sessionmaker() as session:
-                row = await find_active_api_key(session, key)
-            if row is not None:
-                return Identity(key_id=key_id(key), tenant_id=row.tenant_id)
+                found = await find_active_api_key_and_tenant(session, key)
+            if found is not None:
+                _, tenant = found
+                return Identity(key_id=key_id(key), tenant_id=tenant.id, limits=Limits(
+                    max_requests_per_minute=tenant.max_requests_per_minute,
+                    max_tokens_per_minute=tenant.max_tokens_per_minute,
+                    max_concurrent_requests=tenant.max_concurrent_requests))
         raise AuthenticationError(f"Incorrect API key provided: {_redact(key)}.")
 
     async def authenticate_admin(self, authorization: str | None) -> Identity:

@@ -20,8 +20,12 @@ from pydantic import ValidationError
 
 from libs.common.bus import MSG_ID_HEADER, EventPublisher
 from libs.common.errors import ServiceUnavailableError
+from libs.common.logging import set_request_id
 from libs.common.messages import EventKind, GenerateRequest, TokenChunk
+from libs.common.metrics import E2E_LATENCY, TPOT, TTFT
 from libs.common.subjects import REQUESTS_STREAM, request_subject, token_subject
+from libs.common.tracing import TRACEPARENT_HEADER, inject_headers
+from services.gateway.observability import note_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class AnswerStream:
         self._first_token_timeout_s = first_token_timeout_s
         self._inter_token_timeout_s = inter_token_timeout_s
         self._reorderer = ChunkReorderer()
+        # unix time of the first chunk with tokens (TTFT, TPOT)
+        self._first_token_at: float | None = None
         self._ready: list[TokenChunk] = []
         self._finished = False
         self._closed = False
@@ -76,7 +82,22 @@ class AnswerStream:
             self._ready = self._reorderer.push(await self._receive())
         chunk = self._ready.pop(0)
         self._finished = chunk.is_last
+        self._observe(chunk)
         return chunk
+
+    def _observe(self, chunk: TokenChunk) -> None:
+        """TTFT at the first token, TPOT and end-to-end latency at the last chunk."""
+        now = time.time()
+        model = self.request.model
+        if self._first_token_at is None and chunk.token_ids:
+            self._first_token_at = now
+            TTFT.labels(model=model).observe(now - self.request.created)
+        if not chunk.is_last or chunk.error is not None:
+            return
+        E2E_LATENCY.labels(model=model).observe(now - self.request.created)
+        num_tokens = chunk.usage.completion_tokens if chunk.usage is not None else 0
+        if self._first_token_at is not None and num_tokens > 1:
+            TPOT.labels(model=model).observe((now - self._first_token_at) / (num_tokens - 1))
 
     async def close(self) -> None:
         """Stop listening for chunks (idempotent)."""
@@ -130,13 +151,18 @@ class RequestBroker:
         self._inter_token_timeout_s = inter_token_timeout_s
 
     async def submit(self, request: GenerateRequest) -> AnswerStream:
-        """Queue `request`; ServiceUnavailableError if the queue does not take it."""
+        """Queue `request`; ServiceUnavailableError if the queue does not take it.
+
+        The message carries the current trace context (`traceparent`) for the worker.
+        """
+        set_request_id(request.request_id)
+        note_model(request.model)
         subscription = await self._nc.subscribe(token_subject(request.request_id))
+        headers = inject_headers({MSG_ID_HEADER: request.request_id})
         try:
             ack = await self._js.publish(
                 request_subject(request.model), request.model_dump_json().encode(),
-                stream=REQUESTS_STREAM, timeout=_PUBLISH_TIMEOUT_S,
-                headers={MSG_ID_HEADER: request.request_id})
+                stream=REQUESTS_STREAM, timeout=_PUBLISH_TIMEOUT_S, headers=headers)
         except (NatsError, TimeoutError) as exc:
             await subscription.unsubscribe()
             logger.error("queueing request %s failed: %r", request.request_id, exc)
@@ -144,15 +170,19 @@ class RequestBroker:
                 from exc
         if ack.duplicate:
             logger.warning("request id %s was queued twice; kept once", request.request_id)
-        await self._received_event(request, ack.seq)
+        await self._received_event(request, ack.seq, headers.get(TRACEPARENT_HEADER))
         return AnswerStream(request, subscription, js=self._js, queue_seq=ack.seq,
                             first_token_timeout_s=self.first_token_timeout_s,
                             inter_token_timeout_s=self._inter_token_timeout_s)
 
-    async def _received_event(self, request: GenerateRequest, queue_seq: int) -> None:
+    async def _received_event(self, request: GenerateRequest, queue_seq: int,
+                              traceparent: str | None) -> None:
+        # the scheduler's placement span joins the request's trace through this
+        trace = {TRACEPARENT_HEADER: traceparent} if traceparent is not None else {}
         try:
             await self._events.publish(
                 EventKind.REQUEST_RECEIVED, request_id=request.request_id, model=request.model,
-                queue_seq=queue_seq, stream=request.stream, api_key_id=request.api_key_id)
+                queue_seq=queue_seq, stream=request.stream, api_key_id=request.api_key_id,
+                **trace)
         except NatsError as exc:
             logger.warning("event request.received not published: %s", exc)

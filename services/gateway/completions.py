@@ -10,6 +10,11 @@ its response started anyway: SSE comments report the model's cold-start progress
 (`services.gateway.progress`) and keep the connection alive until the first token. An error
 or timeout before the first token then ends the stream with an error event (and `[DONE]`),
 as a stall after it does.
+
+Every request of a limited identity is admitted by the `RateLimiter` after its model is found
+and before it is queued (a refusal is a 429 that never reaches the bus); its lease is charged
+the completion tokens as they arrive and released when the answer is closed, which every path
+(done, failed, timed out, client gone) does.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from services.gateway.progress import (
     progress_comment,
     queued_comment,
 )
+from services.gateway.ratelimit import Lease, Limits, RateLimiter, estimate_prompt_tokens
 from services.gateway.registry import Registry
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -77,8 +83,11 @@ class CompletionService:
     def __init__(self, broker: RequestBroker, registry: Registry, *,
                  progress: ProgressWatcher | None = None,
                  progress_after_s: float = PROGRESS_AFTER_S,
-                 keepalive_s: float = KEEPALIVE_S) -> None:
+                 keepalive_s: float = KEEPALIVE_S,
+                 limiter: RateLimiter | None = None) -> None:
         self._broker = broker
+        # None: no limits at all
+        self._limiter = limiter or RateLimiter(Limits())
         self._registry = registry
         # None: no progress comments; a streamed response starts with its first token
         self._progress = progress
@@ -93,7 +102,9 @@ class CompletionService:
             body, request_id, identity, max_tokens=body.max_tokens,
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=prompt if isinstance(prompt, list) else None)
-        return await self._run(request, COMPLETION, body.include_usage)
+        lease = self._admit(identity, estimate_prompt_tokens(
+            prompt=request.prompt, prompt_token_ids=request.prompt_token_ids))
+        return await self._run(request, COMPLETION, body.include_usage, lease)
 
     async def chat(self, body: ChatCompletionRequest, identity: Identity, *,
                    request_id: str) -> Reply:
@@ -102,13 +113,19 @@ class CompletionService:
                     for message in body.messages]
         request = await self._request(body, request_id, identity,
                                       max_tokens=body.max_output_tokens, messages=messages)
-        return await self._run(request, CHAT, body.include_usage)
+        lease = self._admit(identity, estimate_prompt_tokens(
+            message_texts=[message.content for message in messages]))
+        return await self._run(request, CHAT, body.include_usage, lease)
+
+    def _admit(self, identity: Identity, prompt_tokens: int) -> Lease:
+        return self._limiter.admit(identity.limit_subject, identity.limits,
+                                   prompt_tokens=prompt_tokens)
 
     async def _request(self, body: CompletionRequest | ChatCompletionRequest, request_id: str,
                        identity: Identity, *, max_tokens: int | None,
                        prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                        messages: list[ChatMessage] | None = None) -> GenerateRequest:
-        await self._registry.get(body.model)
+        await self._registry.get(body.model, viewer=identity)
         now = time.time()
         sampling = SamplingOptions(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -124,15 +141,16 @@ class CompletionService:
             tenant_id=str(identity.tenant_id) if identity.tenant_id is not None else None)
 
     async def _run(self, request: GenerateRequest, fmt: ResponseFormat,
-                   include_usage: bool) -> Reply:
+                   include_usage: bool, lease: Lease) -> Reply:
         ctx = ResponseContext(request.request_id, int(request.created), request.model,
                               include_usage)
         # subscribed before the request is queued, so no event of its cold start is missed
         feed = (await self._progress.watch(request.model)
                 if request.stream and self._progress is not None else None)
         try:
-            answer = await self._broker.submit(request)
+            answer = MeteredAnswer(await self._broker.submit(request), lease)
         except BaseException:
+            lease.release()
             await _close_feed(feed)
             raise
         first_task = asyncio.ensure_future(_next(answer))
@@ -156,12 +174,45 @@ class CompletionService:
         return Reply(request.request_id, events=_stream(fmt, ctx, first, answer))
 
 
-async def _next(answer: AnswerStream) -> TokenChunk:
+class MeteredAnswer:
+    """An answer whose tokens count against its request's lease, which it releases when
+    closed."""
+
+    def __init__(self, answer: AnswerStream, lease: Lease) -> None:
+        self._answer = answer
+        self._lease = lease
+        self._num_completion_tokens = 0
+
+    def __aiter__(self) -> MeteredAnswer:
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        chunk = await anext(self._answer)
+        num_tokens = len(chunk.token_ids)
+        if chunk.usage is not None:
+            # the worker's count is the true one: make up what the chunks and the prompt's
+            # estimate left out (never refunded: the estimate has already been spent)
+            num_tokens = max(num_tokens, chunk.usage.completion_tokens
+                             - self._num_completion_tokens)
+            num_tokens += max(0, chunk.usage.prompt_tokens - self._lease.prompt_tokens)
+        self._num_completion_tokens += len(chunk.token_ids)
+        self._lease.charge(num_tokens)
+        return chunk
+
+    async def close(self) -> None:
+        """Stop listening and free the request's concurrency slot (idempotent)."""
+        try:
+            await self._answer.close()
+        finally:
+            self._lease.release()
+
+
+async def _next(answer: MeteredAnswer) -> TokenChunk:
     return await anext(answer)
 
 
 async def _progress_then_stream(fmt: ResponseFormat, ctx: ResponseContext, feed: ProgressFeed,
-                                first_task: asyncio.Future[TokenChunk], answer: AnswerStream,
+                                first_task: asyncio.Future[TokenChunk], answer: MeteredAnswer,
                                 *, keepalive_s: float) -> AsyncIterator[str]:
     """Progress comments until the first chunk, then the stream as `_stream` sends it."""
     said: list[str] = []
@@ -220,7 +271,7 @@ async def _progress_then_stream(fmt: ResponseFormat, ctx: ResponseContext, feed:
         await _close(answer)
 
 
-async def _collect(first: TokenChunk, answer: AnswerStream) -> Answer:
+async def _collect(first: TokenChunk, answer: MeteredAnswer) -> Answer:
     try:
         collected = Answer()
         chunk = first
@@ -237,7 +288,7 @@ async def _collect(first: TokenChunk, answer: AnswerStream) -> Answer:
 
 
 async def _stream(fmt: ResponseFormat, ctx: ResponseContext, first: TokenChunk,
-                  answer: AnswerStream) -> AsyncIterator[str]:
+                  answer: MeteredAnswer) -> AsyncIterator[str]:
     try:
         for event in fmt.first_chunks(ctx):
             yield sse(event)
@@ -281,7 +332,7 @@ async def _close_feed(feed: ProgressFeed | None) -> None:
             await feed.close()
 
 
-async def _close(answer: AnswerStream) -> None:
+async def _close(answer: MeteredAnswer) -> None:
     # Shielded: a client that hangs up cancels the response task, and the subscription
     # must still be removed.
     with anyio.CancelScope(shield=True):

@@ -3,7 +3,9 @@
 Every error the gateway answers with has the OpenAI shape
 `{"error": {"message", "type", "param", "code"}}`: `type` is "invalid_request_error" for 4xx
 and "server_error" for 5xx (as OpenAI does, 401 and 404 included), `code` is the HydraError's
-code ("context_length_exceeded", "model_not_found", "invalid_api_key", ...).
+code ("context_length_exceeded", "model_not_found", "invalid_api_key", ...). A rate limit
+is a 429 with OpenAI's `type` ("requests" or "tokens"), code "rate_limit_exceeded" and a
+`Retry-After` header.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from libs.common.errors import HydraError, InvalidRequestError
+from services.gateway.ratelimit import RateLimitError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,8 @@ logger = logging.getLogger(__name__)
 def to_openai(error: HydraError) -> dict[str, Any]:
     """The OpenAI error object for `error` (also what a failed stream's last event holds)."""
     error_type = "server_error" if error.http_status >= 500 else "invalid_request_error"
+    if isinstance(error, RateLimitError):
+        error_type = error.limit_type
     return {"error": {
         "message": error.message,
         "type": error_type,
@@ -37,6 +42,8 @@ def error_response(error: HydraError, *, retry_after_s: int) -> JSONResponse:
     headers = {}
     if error.http_status == 503:
         headers["Retry-After"] = str(retry_after_s)
+    if isinstance(error, RateLimitError):
+        headers["Retry-After"] = str(error.retry_after_s)
     if error.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(to_openai(error), status_code=error.http_status, headers=headers)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from services.gateway.auth import ApiKeyAuth, Identity
 from services.gateway.completions import CompletionService, Reply
 from services.gateway.formatting import CHAT, COMPLETION
-from services.gateway.registry import Registry
+from services.gateway.registry import ModelEntry, Registry
 from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -50,10 +50,18 @@ async def health() -> dict[str, str]:
 
 @router.get("/v1/models")
 async def list_models(request: Request, identity: Authenticated) -> dict[str, Any]:
-    models = await services(request).registry.list()
-    return {"object": "list", "data": [
-        {"id": model.name, "object": "model", "created": model.created,
-         "owned_by": model.owned_by} for model in models]}
+    models = await services(request).registry.list(viewer=identity)
+    return {"object": "list", "data": [_model_object(model) for model in models]}
+
+
+@router.get("/v1/models/{name:path}")
+async def retrieve_model(name: str, request: Request, identity: Authenticated) -> dict[str, Any]:
+    return _model_object(await services(request).registry.get(name, viewer=identity))
+
+
+def _model_object(model: ModelEntry) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": model.created,
+            "owned_by": model.owned_by}
 
 
 @router.post("/v1/completions")

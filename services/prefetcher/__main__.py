@@ -19,7 +19,10 @@ from pathlib import Path
 from nats.errors import Error as NatsError
 
 from libs.common.errors import HydraError
+from libs.common.logging import configure_logging
+from libs.common.metrics import serve_metrics
 from libs.common.settings import Settings
+from libs.common.tracing import configure_tracing
 from services.prefetcher.agent import AgentConfig
 from services.prefetcher.launcher import Launcher, LocalLauncher
 from services.prefetcher.service import NodeAgentService, NodeConfig
@@ -47,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "many GB after their workers stop (0: off)")
     parser.add_argument("--launcher", choices=["local", "kubernetes"], default="local",
                         help="workers as processes here, or as pods on this node")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on this port (default 0: off)")
     k8s = parser.add_argument_group("--launcher kubernetes")
     k8s.add_argument("--k8s-namespace", default="default", help="where worker pods go")
     k8s.add_argument("--k8s-node-name", help="the node worker pods are pinned to "
@@ -97,10 +102,11 @@ async def serve(config: NodeConfig, settings: Settings, launcher: Launcher) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("prefetcher")
+    configure_tracing("prefetcher")
     args = parse_args(argv)
     try:
+        serve_metrics(args.metrics_port)
         settings = Settings()
         config = build_config(args)
         return asyncio.run(serve(config, settings, build_launcher(args, config)))

@@ -31,6 +31,7 @@ from libs.common.watermark import partition_model_dir, watermark_path
 from services.prefetcher.cache import CacheKey, HostCache
 from services.prefetcher.fetch import FetchResult, default_model_dir
 from services.prefetcher.launcher import Launcher, WorkerHandle, WorkerSpec
+from services.prefetcher.observe import record_cache_lookup, record_fetch, record_workers
 from services.storage.throttle import TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,13 @@ class _Worker:
     is_stopping: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def state(self) -> str:
+        """For the metrics: fetching (not launched yet), running or stopping."""
+        if self.is_stopping:
+            return "stopping"
+        return "running" if self.handle is not None else "fetching"
+
 
 class NodeAgent:
     def __init__(self, config: AgentConfig, *, launcher: Launcher, fetch: FetchFn,
@@ -108,6 +116,7 @@ class NodeAgent:
         partition = self.config.work_dir / f"w{command.worker_id}.safetensors"
         worker = _Worker(command, partition, default_model_dir(partition))
         self._workers[command.worker_id] = worker
+        self._record_workers()
         await self._report(EventKind.FETCH_STARTED, model=command.model,
                            worker_id=command.worker_id, partition=str(partition),
                            degree=command.degree, stage=command.stage)
@@ -136,6 +145,7 @@ class NodeAgent:
             logger.error("launching worker %s failed: %r", command.worker_id, exc)
             await self._finish(worker, exit_code=None, error=repr(exc))
             return
+        self._record_workers()
         await self._report(EventKind.WORKER_LAUNCHED, model=command.model,
                            worker_id=command.worker_id, pid=worker.handle.pid)
         worker.monitor = asyncio.create_task(self._watch(worker, worker.handle))
@@ -161,6 +171,7 @@ class NodeAgent:
                                worker_id=command.worker_id, partition=str(dest),
                                degree=command.degree, stage=stage, consolidation=True)
             started = time.monotonic()
+            started_at = time.time()
             key = _cache_key(command, command.degree, stage)
             if await self._restore_cached(key, dest, command.worker_id, started,
                                           consolidation=True, stage=stage):
@@ -181,6 +192,9 @@ class NodeAgent:
                                fetch_s=round(time.monotonic() - started, 6),
                                bytes_per_s=round(result.bytes_per_s), consolidation=True,
                                stage=stage, cached=False)
+            record_fetch(self.config.node_id, model=command.model, worker_id=command.worker_id,
+                         num_bytes=result.num_bytes, started_at=started_at,
+                         bytes_per_s=result.bytes_per_s, is_cached=False)
             self._keep(key, dest)
 
     async def stop(self, command: StopWorkerCommand) -> None:
@@ -191,6 +205,7 @@ class NodeAgent:
             return
         if not worker.is_stopping:
             worker.is_stopping = True
+            self._record_workers()
             for task in (worker.fetch, worker.consolidation):
                 if task is not None:
                     task.cancel()
@@ -220,6 +235,7 @@ class NodeAgent:
     async def _run_fetch(self, worker: _Worker) -> bool:
         command = worker.command
         started = time.monotonic()
+        started_at = time.time()
         next_step = [1]
 
         def on_progress(received: int, total: int) -> None:
@@ -246,6 +262,9 @@ class NodeAgent:
                            worker_id=command.worker_id, num_bytes=result.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6),
                            bytes_per_s=round(result.bytes_per_s), cached=False)
+        record_fetch(self.config.node_id, model=command.model, worker_id=command.worker_id,
+                     num_bytes=result.num_bytes, started_at=started_at,
+                     bytes_per_s=result.bytes_per_s, is_cached=False)
         self._keep(key, worker.partition)
         return True
 
@@ -254,9 +273,14 @@ class NodeAgent:
         """A cache hit: the partition is in place, complete; reported as fetched."""
         if self.cache is None:
             return False
+        started_at = time.time()
         entry = await asyncio.to_thread(self.cache.restore, key, dest)
+        record_cache_lookup(self.config.node_id, is_hit=entry is not None)
         if entry is None:
             return False
+        record_fetch(self.config.node_id, model=key.model, worker_id=worker_id,
+                     num_bytes=entry.num_bytes, started_at=started_at, bytes_per_s=None,
+                     is_cached=True)
         await self._report(EventKind.FETCH_DONE, model=key.model, worker_id=worker_id,
                            num_bytes=entry.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6), cached=True,
@@ -284,11 +308,16 @@ class NodeAgent:
                     await task
         _remove_files(worker)
         self._workers.pop(worker.command.worker_id, None)
+        self._record_workers()
         await self._report(EventKind.WORKER_STOPPED, model=worker.command.model,
                            worker_id=worker.command.worker_id, by="node_agent",
                            exit_code=exit_code, was_running=True, asked=worker.is_stopping,
                            error=error)
         worker.stopped.set()
+
+
+    def _record_workers(self) -> None:
+        record_workers(self.config.node_id, (w.state for w in self._workers.values()))
 
 
 def _cache_key(command: PlaceWorkerCommand | ConsolidateCommand, degree: int,

@@ -21,7 +21,10 @@ from nats.errors import Error as NatsError
 from sqlalchemy.exc import SQLAlchemyError
 
 from libs.common.errors import HydraError
+from libs.common.logging import configure_logging
+from libs.common.metrics import serve_metrics
 from libs.common.settings import Settings
+from libs.common.tracing import configure_tracing
 from services.scheduler.placement import place_fixed_degree
 from services.scheduler.policy import DEFAULT_POLICY, POLICIES, PolicyConfig
 from services.scheduler.registration import ModelRegistration
@@ -53,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-timeout", type=float, default=15.0)
     parser.add_argument("--consumer", default="scheduler",
                         help="durable consumer name on the events stream")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on this port (default 0: off)")
     return parser.parse_args(argv)
 
 
@@ -64,7 +69,7 @@ def build_config(args: argparse.Namespace, settings: Settings) -> SchedulerConfi
         for name in args.register_model]
     return SchedulerConfig(database_url=args.database_url or settings.database.url,
                            storage_url=args.storage_url, registrations=registrations,
-                           tick_s=args.tick, consumer=args.consumer)
+                           tick_s=args.tick, consumer=args.consumer, policy_name=args.policy)
 
 
 async def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -87,10 +92,11 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("scheduler")
+    configure_tracing("scheduler")
     args = parse_args(argv)
     try:
+        serve_metrics(args.metrics_port)
         return asyncio.run(serve(args, Settings()))
     except (HydraError, NatsError, OSError, ValueError, SQLAlchemyError) as exc:
         logger.error("scheduler failed: %s", exc)

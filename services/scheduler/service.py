@@ -29,6 +29,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.bus import MSG_ID_HEADER, connect, ensure_streams, publish_event
@@ -37,9 +38,11 @@ from libs.common.db.session import create_engine, create_sessionmaker
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings, NatsSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+from libs.common.tracing import TRACEPARENT_HEADER, extract_context, record_span, tracer
 from services.scheduler import backlog
 from services.scheduler import events as policy_events
 from services.scheduler.commands import model_registered_event, to_outgoing, to_policy_event
+from services.scheduler.observe import record_decision
 from services.scheduler.policy import HYDRASERVE, Policy
 from services.scheduler.registration import (
     ModelRegistration,
@@ -51,6 +54,7 @@ from services.scheduler.state import ClusterState
 from services.scheduler.state_store import StateStore
 
 logger = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 # published by the admin API once it has written a model's row
 ADMIN_MODEL_REGISTERED = "admin.model_registered"
@@ -67,6 +71,8 @@ class SchedulerConfig:
     # how often (at a tick) to reconcile the policy's requests with the HS_REQUESTS backlog;
     # 0 disables the periodic check (the one at start-up always runs)
     backlog_check_s: float = 1.0
+    # the policy's name, for the cold-start metrics
+    policy_name: str = "hydraserve"
 
 
 class SchedulerService:
@@ -87,6 +93,8 @@ class SchedulerService:
         # old cluster's. A command re-sent after a crash gets a new id; the node agent is
         # idempotent per worker id.
         self._epoch = uuid.uuid4().hex[:8]
+        # request id -> the `traceparent` its request.received carried, until decided
+        self._trace_parents: dict[str, str] = {}
 
     async def run(self, stop: asyncio.Event) -> int:
         await upgrade_async(self.config.database_url)
@@ -155,7 +163,11 @@ class SchedulerService:
 
     async def _to_policy_event(self, event: Event) -> policy_events.Event | None:
         if event.kind != ADMIN_MODEL_REGISTERED or event.model is None:
-            return to_policy_event(event)
+            arrived = to_policy_event(event)
+            if (isinstance(arrived, policy_events.RequestArrived)
+                    and isinstance(parent := event.data.get(TRACEPARENT_HEADER), str)):
+                self._trace_parents[arrived.request_id] = parent
+            return arrived
         assert self._sessionmaker is not None
         loaded = await load_model(self._sessionmaker, event.model)
         if loaded is None:
@@ -225,8 +237,11 @@ class SchedulerService:
         before = self.state
         after, commands = self._policy.decide(before, event, now)
         if _has_stored_changes(before, after):
-            await store.apply(before, after, now=now)
+            await _apply_until_stored(store, before, after, now=now)
         self.state = after
+        record_decision(before, after, commands, policy=self.config.policy_name)
+        if isinstance(event, policy_events.RequestArrived):
+            self._trace_decision(event, commands, started=now)
         if isinstance(event, policy_events.ModelRegistered):
             # recorded for replay: the policy's models come from flags and the database
             await publish_event(nc, model_registered_event(event.model, now=now))
@@ -252,6 +267,39 @@ class SchedulerService:
                              headers={MSG_ID_HEADER: outgoing.command_id})
             logger.info("sent %s to %s", type(outgoing.message).__name__, outgoing.subject)
         await publish_event(nc, outgoing.event)
+
+
+    def _trace_decision(self, event: policy_events.RequestArrived,
+                        commands: Sequence[policy_events.Command], *, started: float) -> None:
+        """The decision a request's arrival triggered, as a span of the request's trace."""
+        parent = self._trace_parents.pop(event.request_id, None)
+        if parent is None:
+            return
+        placed = [c for c in commands if isinstance(c, policy_events.PlaceWorker)]
+        record_span(_tracer, "scheduler.decide", start=started, end=time.time(),
+                    context=extract_context({TRACEPARENT_HEADER: parent}),
+                    attributes={"hydraserve.request_id": event.request_id,
+                                "hydraserve.model": event.model,
+                                "hydraserve.num_commands": len(commands),
+                                "hydraserve.placed_nodes": [c.node_id for c in placed],
+                                "hydraserve.pipeline_degree":
+                                    placed[0].pipeline_degree if placed else 0})
+
+
+async def _apply_until_stored(store: StateStore, before: ClusterState, after: ClusterState,
+                              *, now: float) -> None:
+    """Write the new state, waiting out a database outage: it must be stored before its
+    commands go out, and exiting would lose the in-memory requests until a restart."""
+    delay_s = 0.5
+    while True:
+        try:
+            await store.apply(before, after, now=now)
+            return
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("storing the cluster state failed, retrying in %.1fs: %r",
+                           delay_s, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(2 * delay_s, 5.0)
 
 
 def _has_stored_changes(before: ClusterState, after: ClusterState) -> bool:

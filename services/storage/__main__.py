@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import uvicorn
 
+from libs.common.logging import configure_logging
+from libs.common.metrics import serve_metrics
+from libs.common.tracing import configure_tracing
 from services.storage.app import create_app
 from services.storage.settings import StorageSettings
 from services.storage.store import ModelStore
@@ -24,15 +26,19 @@ def parse_args(argv: list[str] | None = None) -> StorageSettings:
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--egress-mbps", type=float, default=defaults.egress_mbps,
                         help="cap on all data responses together, in megabits per second")
+    parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port,
+                        help="serve Prometheus metrics on this port (default 0: off)")
     args = parser.parse_args(argv)
     return StorageSettings(root=args.root, host=args.host, port=args.port,
-                           egress_mbps=args.egress_mbps)
+                           egress_mbps=args.egress_mbps, metrics_port=args.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     assert settings.root is not None, "argparse requires --root when HS_STORAGE_ROOT is unset"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("storage", text_format="%(asctime)s %(name)s %(message)s")
+    configure_tracing("storage")
+    serve_metrics(settings.metrics_port)
     rate = settings.egress_bytes_per_s
     egress = TokenBucket(rate) if rate is not None else None
     app = create_app(ModelStore(settings.root), egress=egress)

@@ -18,6 +18,8 @@ class StorageSettings(BaseSettings):
     port: int = 8600
     # emulated NIC of the store in megabits per second, shared by all responses; None = unpaced
     egress_mbps: float | None = None
+    # Prometheus metrics port (0: off)
+    metrics_port: int = 0
 
     @property
     def egress_bytes_per_s(self) -> float | None:

@@ -22,7 +22,10 @@ from pathlib import Path
 from nats.errors import Error as NatsError
 
 from libs.common.errors import HydraError
+from libs.common.logging import configure_logging
+from libs.common.metrics import serve_metrics
 from libs.common.settings import Settings
+from libs.common.tracing import configure_tracing
 from services.worker.config import WorkerConfig
 from services.worker.service import WorkerService
 
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on this port (default 0: off)")
     args = parser.parse_args(argv)
     if not 0 <= args.stage < args.degree:
         parser.error(f"--stage {args.stage} is not a stage of a degree-{args.degree} pipeline")
@@ -107,10 +112,11 @@ async def serve(config: WorkerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("worker")
+    configure_tracing("worker")
     args = parse_args(argv)
     try:
+        serve_metrics(args.metrics_port)
         config = build_config(args, Settings())
         return asyncio.run(serve(config))
     except (HydraError, NatsError, OSError, ValueError) as exc:

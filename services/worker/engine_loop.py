@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol
+
+from libs.common.metrics import STEP_DURATION
 
 if TYPE_CHECKING:  # not imported at run time: this module loads before torch does
     from services.worker.engine.sequence import RequestOutput, SamplingParams
@@ -95,7 +98,9 @@ class EngineLoop:
                     self._apply(self._commands.get())  # idle: sleep until a command comes
                 self._apply_queued()
                 if self._engine.has_unfinished() and not self._stopping:
+                    started = time.perf_counter()
                     outputs = self._engine.step()
+                    STEP_DURATION.observe(time.perf_counter() - started)
                     if outputs:
                         self._on_outputs(outputs)
         except Exception as exc:  # the engine is in an unknown state: report it and end

@@ -27,14 +27,19 @@ from pydantic import ValidationError
 
 from libs.common.bus import EventPublisher, connect, ensure_request_consumer, ensure_streams
 from libs.common.errors import HydraError
+from libs.common.logging import set_request_id
 from libs.common.messages import EventKind, GenerateRequest, TokenChunk
 from libs.common.subjects import REQUESTS_STREAM, token_subject
+from libs.common.tracing import extract_context
 from services.worker.config import WorkerConfig, load_engine
 from services.worker.engine_loop import Engine, EngineLoop
+from services.worker.observe import record_request, record_startup
 from services.worker.protocol import RequestProgress, engine_inputs, is_expired
 from services.worker.puller import BoundedPuller
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from services.worker.engine.sequence import RequestOutput
     from services.worker.pipeline.link import PipelineLink
 
@@ -45,6 +50,8 @@ logger = logging.getLogger(__name__)
 class _InFlight:
     msg: Msg
     progress: RequestProgress
+    # the gateway's trace context, from the message's `traceparent` header
+    trace_context: Context | None = None
 
 
 class WorkerService:
@@ -116,6 +123,7 @@ class WorkerService:
     async def _report_ready(self, load_s: float) -> None:
         assert self._events is not None
         self.config.phases["ready_at"] = time.time()
+        record_startup(self.config.phases, load_s=load_s)
         await self._events.publish(EventKind.WORKER_READY, load_s=round(load_s, 6),
                                    capacity=self.config.worker.capacity,
                                    stage=self.config.stage, degree=self.config.degree,
@@ -240,11 +248,13 @@ class WorkerService:
             await self._event(EventKind.REQUEST_EXPIRED, request_id=request.request_id,
                               **progress.timings())
             return
-        self._in_flight[request.request_id] = _InFlight(msg, progress)
+        self._in_flight[request.request_id] = _InFlight(msg, progress,
+                                                        extract_context(msg.headers))
         self._spawn(self._admit(progress))
 
     async def _admit(self, progress: RequestProgress) -> None:
         assert self._engine_loop is not None
+        set_request_id(progress.request_id)  # this task's log lines
         try:
             inputs = engine_inputs(progress.request)
             await asyncio.wrap_future(self._engine_loop.add(
@@ -282,6 +292,7 @@ class WorkerService:
         flight = self._in_flight.get(output.request_id)
         if flight is None:
             return  # handed back or refused meanwhile
+        set_request_id(output.request_id)
         progress = flight.progress
         had_token = progress.first_token_at is not None
         chunk = progress.chunk(output)
@@ -301,6 +312,7 @@ class WorkerService:
             return
         await self._send(chunk)
         await (flight.msg.term() if term else flight.msg.ack())
+        record_request(flight.progress, chunk, context=flight.trace_context)
         if self._puller is not None:
             self._puller.notify_room()
         await self._event(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs.common.db.models import ApiKey
+from libs.common.db.models import ApiKey, Tenant
 
 KEY_PREFIX = "hs-"
 
@@ -49,3 +49,12 @@ async def find_active_api_key(session: AsyncSession, key: str) -> ApiKey | None:
     statement = select(ApiKey).where(ApiKey.key_hash == hash_api_key(key),
                                      ApiKey.revoked_at.is_(None))
     return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def find_active_api_key_and_tenant(session: AsyncSession,
+                                         key: str) -> tuple[ApiKey, Tenant] | None:
+    """The unrevoked key row matching `key` and its tenant (with its limits), or None."""
+    statement = (select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
+                 .where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)))
+    row = (await session.execute(statement)).one_or_none()
+    return (row[0], row[1]) if row is not None else None

@@ -63,11 +63,27 @@ class Base(DeclarativeBase):
 
 
 class Tenant(Base):
+    """Who owns API keys and private models; its limits apply to all its keys together.
+
+    A NULL limit means the gateway's default (`HYDRASERVE_GATEWAY__DEFAULT_*`).
+    """
+
     __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint("max_requests_per_minute > 0", name="max_requests_per_minute_positive"),
+        CheckConstraint("max_tokens_per_minute > 0", name="max_tokens_per_minute_positive"),
+        CheckConstraint("max_concurrent_requests > 0", name="max_concurrent_requests_positive"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = _created_at()
+    # requests admitted in any 60 s window
+    max_requests_per_minute: Mapped[int | None]
+    # prompt (estimated at admission) + completion tokens in any 60 s window
+    max_tokens_per_minute: Mapped[int | None]
+    # requests in flight at once
+    max_concurrent_requests: Mapped[int | None]
 
 
 class ApiKey(Base):
@@ -115,6 +131,9 @@ class Model(Base):
     max_pipeline_degree: Mapped[int] = mapped_column(server_default=str(MAX_PIPELINE_DEGREE))
     keep_alive_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = _created_at()
+    # NULL: public; else private to this tenant (others are told it does not exist)
+    owner_tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
 
 
 class Partition(Base):
