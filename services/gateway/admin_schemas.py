@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs.common.db.models import MAX_PIPELINE_DEGREE
 
@@ -13,14 +14,25 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL (the insert would fail: a 500 instead of a 422)
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# a string the admin API stores
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class RegisterModel(BaseModel):
     """POST /admin/models"""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=120)
+    name: Text = Field(min_length=1, max_length=120)
     # an HF checkpoint folder, as the storage service sees it
-    path: str = Field(min_length=1)
+    path: Text = Field(min_length=1)
     ttft_slo_ms: int = Field(gt=0, le=INT32_MAX)
     tpot_slo_ms: int = Field(gt=0, le=INT32_MAX)
     max_pipeline_degree: int = Field(default=MAX_PIPELINE_DEGREE, ge=1, le=MAX_PIPELINE_DEGREE)
@@ -28,7 +40,7 @@ class RegisterModel(BaseModel):
     # KV-cache memory a whole-model worker reserves next to the weights
     kv_cache_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
     # the name of the tenant the model is private to; None: public
-    owner_tenant: str | None = Field(default=None, min_length=1, max_length=128)
+    owner_tenant: Text | None = Field(default=None, min_length=1, max_length=128)
 
 
 class PartitionOut(BaseModel):
@@ -74,7 +86,7 @@ class TenantLimits(BaseModel):
 class CreateTenant(TenantLimits):
     """POST /admin/tenants"""
 
-    name: str = Field(min_length=1, max_length=128)
+    name: Text = Field(min_length=1, max_length=128)
 
 
 class UpdateTenant(TenantLimits):
@@ -92,7 +104,7 @@ class IssueTenantKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="default", min_length=1, max_length=128)
+    name: Text = Field(default="default", min_length=1, max_length=128)
 
 
 class IssueKey(BaseModel):
@@ -100,8 +112,8 @@ class IssueKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tenant: str = Field(min_length=1, max_length=128)
-    name: str = Field(default="default", min_length=1, max_length=128)
+    tenant: Text = Field(min_length=1, max_length=128)
+    name: Text = Field(default="default", min_length=1, max_length=128)
 
 
 class IssuedKey(BaseModel):

@@ -68,6 +68,15 @@ def from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
+def is_data_exception(exc: Exception) -> bool:
+    """PostgreSQL's class 22 "data exception" (NUL in text, integer out of range): the
+    request's values, not the server, are at fault: a 400, not a 500."""
+    from sqlalchemy.exc import DBAPIError
+
+    return isinstance(exc, DBAPIError) and str(
+        getattr(exc.orig, "sqlstate", None) or "").startswith("22")
+
+
 def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     """Route every error the app can raise through `to_openai`."""
 
@@ -86,6 +95,10 @@ def install_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
         return error_response(error, retry_after_s=retry_after_s)
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        if is_data_exception(exc):
+            return error_response(InvalidRequestError(
+                "The request holds a value the database cannot take (a NUL character, or a "
+                "number out of range)."), retry_after_s=retry_after_s)
         logger.exception("unhandled error on %s %s", request.method, request.url.path,
                          exc_info=exc)
         return error_response(HydraError("The server had an error processing your request."),
