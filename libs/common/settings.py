@@ -72,8 +72,10 @@ class GatewaySettings(BaseModel):
 class WorkerSettings(BaseModel):
     # requests handled at once (unacknowledged messages held; the engine's batch size)
     capacity: int = Field(default=8, ge=1)
-    # a worker silent this long loses its requests to another worker (redelivery)
-    ack_wait_s: float = Field(default=30.0, gt=0)
+    # a worker silent this long loses its requests to another worker (redelivery). Well
+    # under the gateway's inter_token_timeout_s, so a stream whose worker died resumes
+    # (deduplicated by seq) before its client gives up; in-progress acks every ack_wait/3.
+    ack_wait_s: float = Field(default=10.0, gt=0)
     # deliveries of one request before it is given up (a request that crashes every worker)
     max_deliver: int = Field(default=5, ge=1)
     # how long one pull waits for a request; also bounds how fast pulling stops on shutdown
