@@ -145,10 +145,16 @@ class SchedulerService:
         return await js.pull_subscribe_bind(durable=name, stream=EVENTS_STREAM)
 
     async def _pull_loop(self, subscription: JetStreamContext.PullSubscription) -> None:
+        # This loop must outlive any one failure: if it ended, the scheduler would keep
+        # ticking on a frozen view (no heartbeats: nodes marked down, nothing placed).
         while True:
             try:
                 messages = await subscription.fetch(64, timeout=1.0)
             except NatsTimeoutError:
+                continue
+            except Exception:  # e.g. a JetStream API status under load; pull again
+                logger.exception("pulling events failed; retrying")
+                await asyncio.sleep(0.5)
                 continue
             for msg in messages:
                 try:
@@ -156,8 +162,12 @@ class SchedulerService:
                 except ValidationError as exc:
                     logger.warning("skipping a malformed event: %s", exc)
                     event = None
+                except Exception:  # unacked: JetStream redelivers it after ack_wait
+                    logger.exception("reading event %r failed; left for redelivery", msg.data)
+                    continue
                 if event is None:
-                    await msg.ack()
+                    with contextlib.suppress(NatsError):  # redelivered and ignored again
+                        await msg.ack()
                 else:
                     self._queue.put_nowait((event, msg))
 
