@@ -433,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--degree", type=int, default=4, choices=[2, 3, 4])
     parser.add_argument("--cold", type=int, default=3, help="cold requests per mode")
     parser.add_argument("--best", type=int, default=2, help="TTFT: mean of the best N")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep-alive", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: small model, 6 s fetch, 1 cold request per mode")
