@@ -60,6 +60,8 @@ SERVICES: dict[str, str] = {
     "node-agent": "services.prefetcher",
     "storage": "services.storage",
     "worker": "services.worker",
+    # not a service: the cluster simulator, with the same pass-through of its arguments
+    "simulate": "hydraserve.sim",
 }
 
 
@@ -85,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module in SERVICES.items():
         service = commands.add_parser(
-            name, help=f"run the {name} service alone (python -m {module})", add_help=False,
+            name, add_help=False,
+            help=("simulate a workload on a cluster with the scheduler's policies "
+                  "(python -m hydraserve.sim)") if name == "simulate"
+            else f"run the {name} service alone (python -m {module})",
             description=f"Run {module}; every argument goes to it (try --help).")
         # listed for --help; main() hands the arguments to the module before argparse
         service.add_argument("service_args", nargs=argparse.REMAINDER)
