@@ -411,8 +411,10 @@ async def run(args: argparse.Namespace) -> None:
               f"model {cluster.size_bytes / 1e6:.0f} MB; logs in {work}/logs", flush=True)
         results: dict[str, ModeResult] = {}
         async with EventLog(cluster.nats_url) as log:
-            for mode in MODES:
+            for mode in [args.only] if args.only else MODES:
                 results[mode] = await run_mode(cluster, log, mode, args)
+        if args.only:  # an experiment on one mode: its per-request lines are the output
+            return
         out = report(results, cluster, args)
     out.update(date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.platform(),
                cpus=os.cpu_count(), args=vars(args))
@@ -435,6 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--best", type=int, default=2, help="TTFT: mean of the best N")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep-alive", type=float, default=2.0)
+    parser.add_argument("--only", choices=MODES,
+                        help="run one mode and print its requests, no report (experiments)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: small model, 6 s fetch, 1 cold request per mode")
     args = parser.parse_args(argv)
