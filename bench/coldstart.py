@@ -330,6 +330,12 @@ async def run_mode(cluster: Cluster, log: EventLog, mode: str, args: argparse.Na
             placed = log.since(sent_at, EventKind.WORKER_PLACED)
             await log.wait_for(sent_at, EventKind.WORKER_STOPPED, count=len(placed),
                                by="node_agent")
+            for stopped in log.since(sent_at, EventKind.WORKER_STOPPED):
+                steps = stopped.data.get("num_steps") or 0
+                if steps and "compute_s" in stopped.data:  # a pipeline stage after the first
+                    print(f"    stage worker {stopped.worker_id}: {steps} steps, model "
+                          f"{stopped.data['compute_s'] / steps * 1000:.2f} ms/step, frames "
+                          f"{stopped.data['frame_s'] / steps * 1000:.2f} ms/step", flush=True)
     finally:
         cluster.stop_scheduler()
     return result

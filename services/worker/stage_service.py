@@ -82,7 +82,9 @@ class StageService:
                 exit_code = 1 if server.error is not None else 0
             await channel.close()
             await _publish(events, EventKind.WORKER_STOPPED, exit_code=exit_code,
-                           num_steps=server.num_steps if server else 0)
+                           num_steps=server.num_steps if server else 0,
+                           compute_s=round(server.compute_s, 6) if server else 0.0,
+                           frame_s=round(server.frame_s, 6) if server else 0.0)
             with contextlib.suppress(NatsError):
                 await nc.drain()
         return exit_code

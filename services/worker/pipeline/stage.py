@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,10 @@ class StageServer:
         self.inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"stage-{stage}", daemon=True)
         self.num_steps = 0
+        # seconds in the model (forward, and logits + sampling at the last stage), and in
+        # reading and writing frames: where a pipeline step's time goes
+        self.compute_s = 0.0
+        self.frame_s = 0.0
         self.error: Exception | None = None
 
     def start(self) -> None:
@@ -93,23 +98,28 @@ class StageServer:
 
     def _run_batch(self, packet: StagePacket, blob: memoryview) -> None:
         assert packet.hidden is not None, "a batch frame carries activations"
+        started = time.perf_counter()
+        inputs = read_tensor(blob, packet.hidden)
         batch = self.runner.new_batch(is_prefill=packet.is_prefill, slot_ids=packet.slot_ids,
                                       context_lens=packet.context_lens,
                                       query_lens=packet.query_lens)
-        hidden = self.runner.forward(read_tensor(blob, packet.hidden), batch)  # [T, hidden]
+        computing = time.perf_counter()
+        hidden = self.runner.forward(inputs, batch)  # [T, hidden]
         self.num_steps += 1
-        if not self.is_last:
+        if self.is_last:
+            logits = self.runner.logits(hidden, batch)  # [num_seqs, vocab]
+            token_ids = sample(logits, [self._sampler(s) for s in packet.sampling])  # type: ignore[arg-type]
+            computed = time.perf_counter()
+            self._reply(DriverPacket(kind="tokens", stage=self.stage, step_id=packet.step_id,
+                                     token_ids=token_ids))
+        else:
+            computed = time.perf_counter()
             writer = BlobWriter()
-            forward = packet.model_copy(update={"hidden": writer.add(hidden),
-                                                "slot_moves": [], "finished_ids": []})
+            forward = packet.model_copy(update={"hidden": writer.add(hidden)})
             # the moves and finished ids travel on: every stage applies them once
-            forward.slot_moves, forward.finished_ids = packet.slot_moves, packet.finished_ids
             self._send(self.stage + 1, encode(forward, writer.getvalue()))
-            return
-        logits = self.runner.logits(hidden, batch)  # [num_seqs, vocab]
-        token_ids = sample(logits, [self._sampler(s) for s in packet.sampling])  # type: ignore[arg-type]
-        self._reply(DriverPacket(kind="tokens", stage=self.stage, step_id=packet.step_id,
-                                 token_ids=token_ids))
+        self.compute_s += computed - computing
+        self.frame_s += (computing - started) + (time.perf_counter() - computed)
 
     def _sampler(self, info: SeqSampling) -> _Sampling:
         sampling = self._samplers.get(info.request_id)
