@@ -161,6 +161,7 @@ class NodeAgent:
         if worker.consolidation is not None:
             return
         worker.consolidation = asyncio.create_task(self._fetch_for_consolidation(worker, command))
+        worker.consolidation.add_done_callback(_log_failure)
 
     async def _fetch_for_consolidation(self, worker: _Worker,
                                        command: ConsolidateCommand) -> None:
@@ -170,32 +171,10 @@ class NodeAgent:
             await self._report(EventKind.FETCH_STARTED, model=command.model,
                                worker_id=command.worker_id, partition=str(dest),
                                degree=command.degree, stage=stage, consolidation=True)
-            started = time.monotonic()
-            started_at = time.time()
-            key = _cache_key(command, command.degree, stage)
-            if await self._restore_cached(key, dest, command.worker_id, started,
-                                          consolidation=True, stage=stage):
-                continue
-            try:
-                result = await self._fetch(
-                    command.storage_url or self.config.storage_url,
-                    command.storage_model or command.model, command.degree, stage, dest,
-                    num_streams=self.config.num_streams, nic=self._nic,
-                    model_dir=partition_model_dir(dest))
-            except HydraError as exc:
-                await self._report(EventKind.FETCH_FAILED, model=command.model,
-                                   worker_id=command.worker_id, error=exc.message,
-                                   consolidation=True, stage=stage)
+            if not await self._fetch_stage(command, command.worker_id, command.degree, stage,
+                                           dest, partition_model_dir(dest),
+                                           event_data={"consolidation": True, "stage": stage}):
                 return
-            await self._report(EventKind.FETCH_DONE, model=command.model,
-                               worker_id=command.worker_id, num_bytes=result.num_bytes,
-                               fetch_s=round(time.monotonic() - started, 6),
-                               bytes_per_s=round(result.bytes_per_s), consolidation=True,
-                               stage=stage, cached=False)
-            record_fetch(self.config.node_id, model=command.model, worker_id=command.worker_id,
-                         num_bytes=result.num_bytes, started_at=started_at,
-                         bytes_per_s=result.bytes_per_s, is_cached=False)
-            self._keep(key, dest)
 
     async def stop(self, command: StopWorkerCommand) -> None:
         worker = self._workers.get(command.worker_id)
@@ -234,8 +213,6 @@ class NodeAgent:
 
     async def _run_fetch(self, worker: _Worker) -> bool:
         command = worker.command
-        started = time.monotonic()
-        started_at = time.time()
         next_step = [1]
 
         def on_progress(received: int, total: int) -> None:
@@ -245,27 +222,41 @@ class NodeAgent:
                     EventKind.FETCH_PROGRESS, model=command.model, worker_id=command.worker_id,
                     received_bytes=received, total_bytes=total))
 
-        key = _cache_key(command, command.degree, command.stage)
-        if await self._restore_cached(key, worker.partition, command.worker_id, started):
+        return await self._fetch_stage(command, command.worker_id, command.degree,
+                                       command.stage, worker.partition, worker.model_dir,
+                                       on_progress=on_progress)
+
+    async def _fetch_stage(self, command: PlaceWorkerCommand | ConsolidateCommand,
+                           worker_id: str, degree: int, stage: int, dest: Path,
+                           model_dir: Path, *,
+                           on_progress: Callable[[int, int], None] | None = None,
+                           event_data: dict[str, Any] | None = None) -> bool:
+        """One partition into `dest`: from the host cache if it holds it, else over the NIC
+        (then kept in the cache); reported as fetch.done / fetch.failed with `event_data`."""
+        data = event_data or {}
+        started = time.monotonic()
+        started_at = time.time()
+        key = _cache_key(command, degree, stage)
+        if await self._restore_cached(key, dest, worker_id, started, **data):
             return True
         try:
             result = await self._fetch(
                 command.storage_url or self.config.storage_url,
-                command.storage_model or command.model, command.degree,
-                command.stage, worker.partition, num_streams=self.config.num_streams,
-                nic=self._nic, on_progress=on_progress, model_dir=worker.model_dir)
+                command.storage_model or command.model, degree, stage, dest,
+                num_streams=self.config.num_streams, nic=self._nic, on_progress=on_progress,
+                model_dir=model_dir)
         except HydraError as exc:
             await self._report(EventKind.FETCH_FAILED, model=command.model,
-                               worker_id=command.worker_id, error=exc.message)
+                               worker_id=worker_id, error=exc.message, **data)
             return False
-        await self._report(EventKind.FETCH_DONE, model=command.model,
-                           worker_id=command.worker_id, num_bytes=result.num_bytes,
+        await self._report(EventKind.FETCH_DONE, model=command.model, worker_id=worker_id,
+                           num_bytes=result.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6),
-                           bytes_per_s=round(result.bytes_per_s), cached=False)
-        record_fetch(self.config.node_id, model=command.model, worker_id=command.worker_id,
+                           bytes_per_s=round(result.bytes_per_s), cached=False, **data)
+        record_fetch(self.config.node_id, model=command.model, worker_id=worker_id,
                      num_bytes=result.num_bytes, started_at=started_at,
                      bytes_per_s=result.bytes_per_s, is_cached=False)
-        self._keep(key, worker.partition)
+        self._keep(key, dest)
         return True
 
     async def _restore_cached(self, key: CacheKey, dest: Path, worker_id: str,
@@ -318,6 +309,11 @@ class NodeAgent:
 
     def _record_workers(self) -> None:
         record_workers(self.config.node_id, (w.state for w in self._workers.values()))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("a consolidation fetch failed", exc_info=exc)
 
 
 def _cache_key(command: PlaceWorkerCommand | ConsolidateCommand, degree: int,

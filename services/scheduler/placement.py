@@ -68,6 +68,67 @@ def place_single_worker(nodes: Mapping[str, NodeState], model: ModelSpec, now: f
 MAX_DEGREE = 4
 
 
+@dataclass(frozen=True)
+class _Pipelines:
+    """The nodes a pipeline of a model can use now, fastest first, and how its stages fit."""
+
+    model: ModelSpec
+    # model + KV cache: the full-size stage-0 worker
+    full_bytes: int
+    # up node -> the NIC share a new fetch gets there (0: it would break a deadline)
+    bandwidths: Mapping[str, float]
+    # nodes with bandwidth to give: fastest first, then the most free memory, then the
+    # smallest id, so ties are deterministic
+    ranked: list[NodeState]
+    # where stage 0 goes: the fastest node that holds a whole copy (None: defer)
+    head: NodeState | None
+
+    @classmethod
+    def of(cls, nodes: Mapping[str, NodeState], model: ModelSpec, now: float) -> _Pipelines:
+        full_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
+                                      kv_cache_bytes=model.kv_cache_bytes, degree=1,
+                                      is_full_size=True)
+        bandwidths = {n.node_id: available_bandwidth(
+            nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=n.fetches, now=now)
+            for n in nodes.values() if n.is_up}
+        ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
+                        key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes,
+                                       n.node_id))
+        head = next((n for n in ranked if n.free_gpu_memory_bytes >= full_bytes), None)
+        return cls(model, full_bytes, bandwidths, ranked, head)
+
+    def nodes_for(self, degree: int) -> list[NodeState] | None:
+        """The head and the fastest other nodes that hold a partial worker of `degree`, or
+        None if there are too few (or no head)."""
+        if self.head is None:
+            return None
+        rest = [n for n in self.ranked if n.node_id != self.head.node_id
+                and n.free_gpu_memory_bytes >= self.partial_bytes(degree)]
+        return [self.head, *rest[:degree - 1]] if len(rest) >= degree - 1 else None
+
+    def partial_bytes(self, degree: int) -> int:
+        return worker_gpu_bytes(size_bytes=self.model.size_bytes,
+                                kv_cache_bytes=self.model.kv_cache_bytes, degree=degree,
+                                is_full_size=False)
+
+    def plans(self, chosen: list[NodeState], ranges: list[tuple[int, int]]
+              ) -> tuple[WorkerPlan, ...]:
+        degree = len(chosen)
+        partial_bytes = self.partial_bytes(degree)
+        return tuple(
+            WorkerPlan(node_id=node.node_id, stage=stage, start_layer=start, end_layer=end,
+                       gpu_memory_bytes=self.full_bytes if stage == 0 else partial_bytes,
+                       is_full_size=stage == 0,
+                       fetch_bytes=self.model.fetch_bytes(degree, stage),
+                       fetch_bandwidth_bytes_per_s=self.bandwidths[node.node_id])
+            for stage, (node, (start, end)) in enumerate(zip(chosen, ranges, strict=True)))
+
+    def single(self) -> tuple[WorkerPlan, ...]:
+        """One whole-model worker on the head."""
+        assert self.head is not None
+        return self.plans([self.head], [(0, self.model.num_layers)])
+
+
 def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
                    inputs: ColdStartInputs) -> tuple[WorkerPlan, ...] | None:
     """The smallest pipeline degree whose TTFT and TPOT estimates meet the model's SLOs.
@@ -80,37 +141,23 @@ def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
     no degree meets the SLOs the cold start falls back to one whole-model worker; None
     (defer) when no node with bandwidth to give holds a whole copy.
     """
-    full_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
-                                  kv_cache_bytes=model.kv_cache_bytes, degree=1,
-                                  is_full_size=True)
-    bandwidths = {n.node_id: available_bandwidth(
-        nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=n.fetches, now=now)
-        for n in nodes.values() if n.is_up}
-    # fastest first; then the most free memory, then the smallest id, so ties are deterministic
-    ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
-                    key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes, n.node_id))
+    pipelines = _Pipelines.of(nodes, model, now)
     cached = [n for n in nodes.values() if n.is_up and n.holds_model(model.name)
-              and n.free_gpu_memory_bytes >= full_bytes]
+              and n.free_gpu_memory_bytes >= pipelines.full_bytes]
     if cached:
         # from host memory no pipeline fetches faster: one worker, no NIC used
         node = min(cached, key=lambda n: (-n.free_gpu_memory_bytes, n.node_id))
-        return (_cached_plan(node, model, full_bytes),)
-    head = next((n for n in ranked if n.free_gpu_memory_bytes >= full_bytes), None)
-    if head is None:
+        return (_cached_plan(node, model, pipelines.full_bytes),)
+    if pipelines.head is None:
         return None
     for degree in range(1, min(model.max_pipeline_degree, MAX_DEGREE) + 1):
         ranges = model.layer_ranges(degree)
         if ranges is None:
             continue
-        partial_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
-                                         kv_cache_bytes=model.kv_cache_bytes, degree=degree,
-                                         is_full_size=False)
-        rest = [n for n in ranked
-                if n.node_id != head.node_id and n.free_gpu_memory_bytes >= partial_bytes]
-        if len(rest) < degree - 1:
+        chosen = pipelines.nodes_for(degree)
+        if chosen is None:
             break
-        chosen = [head, *rest[:degree - 1]]
-        band = min(bandwidths[n.node_id] for n in chosen)
+        band = min(pipelines.bandwidths[n.node_id] for n in chosen)
         num_full_size = min(NUM_FULL_SIZE_WORKERS, degree)
         ttft = estimate_ttft(size_bytes=model.size_bytes, degree=degree,
                              bandwidth_bytes_per_s=band, num_full_size=num_full_size,
@@ -119,12 +166,10 @@ def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
         tpot = estimate_tpot(degree=degree, num_full_size=num_full_size, tpot_s=inputs.tpot_s,
                              per_hop_s=inputs.per_hop_s)
         if ttft <= model.ttft_slo_s and tpot <= model.tpot_slo_s:
-            return _stage_plans(model, chosen, ranges, bandwidths,
-                                full_bytes=full_bytes, partial_bytes=partial_bytes)
+            return pipelines.plans(chosen, ranges)
     # No degree meets the SLOs: spend no more than one worker on a cold start that is late
     # anyway.
-    return _stage_plans(model, [head], [(0, model.num_layers)], bandwidths,
-                        full_bytes=full_bytes, partial_bytes=full_bytes)
+    return pipelines.single()
 
 
 def _cached_plan(node: NodeState, model: ModelSpec, num_bytes: int) -> WorkerPlan:
@@ -134,43 +179,17 @@ def _cached_plan(node: NodeState, model: ModelSpec, num_bytes: int) -> WorkerPla
                       fetch_bandwidth_bytes_per_s=float(node.nic_bandwidth_bytes_per_s))
 
 
-def _stage_plans(model: ModelSpec, chosen: list[NodeState], ranges: list[tuple[int, int]],
-                 bandwidths: Mapping[str, float], *, full_bytes: int,
-                 partial_bytes: int) -> tuple[WorkerPlan, ...]:
-    degree = len(chosen)
-    return tuple(
-        WorkerPlan(node_id=node.node_id, stage=stage, start_layer=start, end_layer=end,
-                   gpu_memory_bytes=full_bytes if stage == 0 else partial_bytes,
-                   is_full_size=stage == 0, fetch_bytes=model.fetch_bytes(degree, stage),
-                   fetch_bandwidth_bytes_per_s=bandwidths[node.node_id])
-        for stage, (node, (start, end)) in enumerate(zip(chosen, ranges, strict=True)))
-
-
 def place_fixed_degree(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
                        inputs: ColdStartInputs, *, degree: int) -> tuple[WorkerPlan, ...] | None:
     """`degree` stages whatever the SLOs say (capped by the model's maximum, its known layer
     boundaries and the nodes with room): for experiments and benchmarks that compare degrees.
     Nodes are picked as `place_pipeline` picks them."""
-    full_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
-                                  kv_cache_bytes=model.kv_cache_bytes, degree=1,
-                                  is_full_size=True)
-    bandwidths = {n.node_id: available_bandwidth(
-        nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=n.fetches, now=now)
-        for n in nodes.values() if n.is_up}
-    ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
-                    key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes, n.node_id))
-    head = next((n for n in ranked if n.free_gpu_memory_bytes >= full_bytes), None)
-    if head is None:
+    pipelines = _Pipelines.of(nodes, model, now)
+    if pipelines.head is None:
         return None
     for p in range(min(degree, model.max_pipeline_degree, MAX_DEGREE), 1, -1):
         ranges = model.layer_ranges(p)
-        partial_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
-                                         kv_cache_bytes=model.kv_cache_bytes, degree=p,
-                                         is_full_size=False)
-        rest = [n for n in ranked
-                if n.node_id != head.node_id and n.free_gpu_memory_bytes >= partial_bytes]
-        if ranges is not None and len(rest) >= p - 1:
-            return _stage_plans(model, [head, *rest[:p - 1]], ranges, bandwidths,
-                                full_bytes=full_bytes, partial_bytes=partial_bytes)
-    return _stage_plans(model, [head], [(0, model.num_layers)], bandwidths,
-                        full_bytes=full_bytes, partial_bytes=full_bytes)
+        chosen = pipelines.nodes_for(p)
+        if ranges is not None and chosen is not None:
+            return pipelines.plans(chosen, ranges)
+    return pipelines.single()

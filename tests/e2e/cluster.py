@@ -23,7 +23,7 @@ from nats.js.api import DeliverPolicy
 from libs.common.bus import ensure_streams
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
-from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
+from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS, event_filter
 from tests.e2e.conftest import USER_KEY
 from tests.processes import free_port, spawn, stop, tail, wait_for_http
 
@@ -199,3 +199,57 @@ def cluster(*, nats_url: str, database_url: str, model_dir: Path, workspace: Pat
     finally:
         for process in reversed(processes):
             stop(process)
+
+
+@dataclass(frozen=True)
+class AdminGateway:
+    base_url: str
+    # async URL of the gateway's own (migrated) database
+    database_url: str
+    log: Path
+
+
+@contextmanager
+def admin_gateway(*, nats_url: str, database_url: str, workspace: Path, admin_key: str,
+                  env: dict[str, str] | None = None) -> Iterator[AdminGateway]:
+    """A gateway on a database of its own (migrated) with a storage service behind its admin
+    API; `env` adds HYDRASERVE_* settings. Stopped, and the database dropped, on exit."""
+    from hydraserve.cli import main
+    from tests.conftest import temporary_database
+
+    with temporary_database(database_url, "hs_admin") as db_url:
+        assert main(["db", "upgrade", "--database-url", db_url]) == 0
+        storage_url = f"http://127.0.0.1:{free_port()}"
+        storage = spawn([sys.executable, "-m", "services.storage", "--root",
+                          str(workspace / "store"), "--port", storage_url.rsplit(":", 1)[1]],
+                         workspace / "storage.log")
+        base_url = f"http://127.0.0.1:{free_port()}"
+        gateway = spawn([sys.executable, "-m", "services.gateway"], workspace / "gateway.log",
+                        env={"HYDRASERVE_NATS__URL": nats_url,
+                             "HYDRASERVE_DATABASE__URL": db_url,
+                             "HYDRASERVE_GATEWAY__STORAGE_URL": storage_url,
+                             "HYDRASERVE_GATEWAY__PORT": base_url.rsplit(":", 1)[1],
+                             "HYDRASERVE_GATEWAY__ADMIN_KEY": admin_key, **(env or {})})
+        try:
+            wait_for_http(f"{storage_url}/models", storage, workspace / "storage.log")
+            wait_for_http(f"{base_url}/health", gateway, workspace / "gateway.log")
+            yield AdminGateway(base_url, db_url, workspace / "gateway.log")
+        finally:
+            stop(gateway)
+            stop(storage)
+
+
+async def audit_events(nats_url: str) -> list[Event]:
+    """Every `admin.*` event in the stream."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(event_filter("admin.*"), ordered_consumer=True,
+                                             deliver_policy=DeliverPolicy.ALL)
+        events = []
+        while True:
+            try:
+                events.append(Event.model_validate_json((await sub.next_msg(1.0)).data))
+            except TimeoutError:
+                return events
+    finally:
+        await nc.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,15 +18,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-import nats
 import pytest
-from nats.js.api import DeliverPolicy
 from sqlalchemy.engine import make_url
 
 from hydraserve.cli import main
-from libs.common.messages import Event
-from libs.common.subjects import event_filter
-from tests.processes import free_port, spawn, stop, wait_for_http
+from tests.e2e.cluster import admin_gateway, audit_events
 
 pytestmark = pytest.mark.e2e
 
@@ -43,11 +38,8 @@ class AdminStack:
     model: str
 
 
-def _dsn(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def _sql(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -62,28 +54,11 @@ async def _sql(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 @pytest.fixture(scope="module")
 def admin_stack(nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[AdminStack]:
-    tmp = tmp_path_factory.mktemp("admin-api")
-    name = f"hs_admin_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_sql(_dsn(database_url), f'CREATE DATABASE "{name}"'))
-    db_url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    assert main(["db", "upgrade", "--database-url", db_url]) == 0
-    storage_url = f"http://127.0.0.1:{free_port()}"
-    storage = spawn([sys.executable, "-m", "services.storage", "--root", str(tmp / "store"),
-                      "--port", storage_url.rsplit(":", 1)[1]], tmp / "storage.log")
-    base_url = f"http://127.0.0.1:{free_port()}"
-    gateway = spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env={
-        "HYDRASERVE_NATS__URL": nats_url, "HYDRASERVE_DATABASE__URL": db_url,
-        "HYDRASERVE_GATEWAY__STORAGE_URL": storage_url,
-        "HYDRASERVE_GATEWAY__PORT": base_url.rsplit(":", 1)[1],
-        "HYDRASERVE_GATEWAY__ADMIN_KEY": ADMIN_KEY})
-    try:
-        wait_for_http(f"{storage_url}/models", storage, tmp / "storage.log")
-        wait_for_http(f"{base_url}/health", gateway, tmp / "gateway.log")
-        yield AdminStack(base_url, nats_url, _dsn(db_url), f"hydra/demo-{uuid.uuid4().hex[:6]}")
-    finally:
-        stop(gateway)
-        stop(storage)
-        asyncio.run(_sql(_dsn(database_url), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with admin_gateway(nats_url=nats_url, database_url=database_url,
+                       workspace=tmp_path_factory.mktemp("admin-api"),
+                       admin_key=ADMIN_KEY) as gateway:
+        yield AdminStack(gateway.base_url, nats_url, _dsn(gateway.database_url),
+                         f"hydra/demo-{uuid.uuid4().hex[:6]}")
 
 
 def call(stack: AdminStack, method: str, path: str, body: Any = None, *,
@@ -101,21 +76,6 @@ def error_of(response: httpx.Response) -> tuple[int, str | None, str | None]:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     return response.status_code, error["code"], error["param"]
-
-
-async def audit_events(nats_url: str) -> list[Event]:
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.jetstream().subscribe(event_filter("admin.*"), ordered_consumer=True,
-                                             deliver_policy=DeliverPolicy.ALL)
-        events = []
-        while True:
-            try:
-                events.append(Event.model_validate_json((await sub.next_msg(1.0)).data))
-            except TimeoutError:
-                return events
-    finally:
-        await nc.close()
 
 
 @pytest.fixture(scope="module")

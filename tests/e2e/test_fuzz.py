@@ -10,9 +10,6 @@ refused (404) before the bus; the first-token timeout is short in case one is qu
 
 from __future__ import annotations
 
-import asyncio
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +18,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from sqlalchemy.engine import make_url
 
-from hydraserve.cli import main
-from tests.e2e.test_admin_api import _dsn, _sql
-from tests.processes import free_port, spawn, stop, tail, wait_for_http
+from tests.e2e.cluster import admin_gateway
+from tests.processes import tail
 
 pytestmark = pytest.mark.e2e
 
@@ -37,30 +32,11 @@ EXAMPLES_PER_OPERATION = 50
 def fuzz_gateway(nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[tuple[str, Path]]:
     """A gateway with a database and a storage service; its base URL and log."""
-    tmp = tmp_path_factory.mktemp("fuzz")
-    name = f"hs_fuzz_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_sql(_dsn(database_url), f'CREATE DATABASE "{name}"'))
-    db_url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    assert main(["db", "upgrade", "--database-url", db_url]) == 0
-    storage_url = f"http://127.0.0.1:{free_port()}"
-    storage = spawn([sys.executable, "-m", "services.storage", "--root", str(tmp / "store"),
-                     "--port", storage_url.rsplit(":", 1)[1]], tmp / "storage.log")
-    base_url = f"http://127.0.0.1:{free_port()}"
-    gateway = spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env={
-        "HYDRASERVE_NATS__URL": nats_url, "HYDRASERVE_DATABASE__URL": db_url,
-        "HYDRASERVE_GATEWAY__STORAGE_URL": storage_url,
-        "HYDRASERVE_GATEWAY__PORT": base_url.rsplit(":", 1)[1],
-        "HYDRASERVE_GATEWAY__ADMIN_KEY": ADMIN_KEY,
-        "HYDRASERVE_GATEWAY__FIRST_TOKEN_TIMEOUT_S": "1",
-        "HYDRASERVE_GATEWAY__INTER_TOKEN_TIMEOUT_S": "1"})
-    try:
-        wait_for_http(f"{storage_url}/models", storage, tmp / "storage.log")
-        wait_for_http(f"{base_url}/health", gateway, tmp / "gateway.log")
-        yield base_url, tmp / "gateway.log"
-    finally:
-        stop(gateway)
-        stop(storage)
-        asyncio.run(_sql(_dsn(database_url), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with admin_gateway(nats_url=nats_url, database_url=database_url,
+                       workspace=tmp_path_factory.mktemp("fuzz"), admin_key=ADMIN_KEY,
+                       env={"HYDRASERVE_GATEWAY__FIRST_TOKEN_TIMEOUT_S": "1",
+                            "HYDRASERVE_GATEWAY__INTER_TOKEN_TIMEOUT_S": "1"}) as gateway:
+        yield gateway.base_url, gateway.log
 
 
 def test_no_generated_request_gets_a_server_error(fuzz_gateway: tuple[str, Path]) -> None:

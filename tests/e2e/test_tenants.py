@@ -10,25 +10,17 @@ answers 503, a refused one is answered 429 before it is queued.
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
-import nats
 import openai
 import pytest
-from nats.js.api import DeliverPolicy
-from sqlalchemy.engine import make_url
 
-from hydraserve.cli import main
-from libs.common.messages import Event
-from libs.common.subjects import event_filter
-from tests.processes import free_port, spawn, stop, wait_for_http
+from tests.e2e.cluster import admin_gateway, audit_events
 
 pytestmark = pytest.mark.e2e
 
@@ -46,14 +38,6 @@ class TenantStack:
     private_model: str
 
 
-async def _sql(dsn: str, sql: str) -> None:
-    connection = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 def admin(stack_url: str, method: str, path: str, body: Any = None) -> httpx.Response:
     response = httpx.request(method, f"{stack_url}{path}", json=body, timeout=120,
                              headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -64,26 +48,10 @@ def admin(stack_url: str, method: str, path: str, body: Any = None) -> httpx.Res
 @pytest.fixture(scope="module")
 def tenant_stack(nats_url: str, database_url: str, demo_model_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantStack]:
-    tmp = tmp_path_factory.mktemp("tenants")
-    server_dsn = make_url(database_url).set(drivername="postgresql").render_as_string(
-        hide_password=False)
-    name = f"hs_tenants_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_sql(server_dsn, f'CREATE DATABASE "{name}"'))
-    db_url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    assert main(["db", "upgrade", "--database-url", db_url]) == 0
-    storage_url = f"http://127.0.0.1:{free_port()}"
-    storage = spawn([sys.executable, "-m", "services.storage", "--root", str(tmp / "store"),
-                     "--port", storage_url.rsplit(":", 1)[1]], tmp / "storage.log")
-    base_url = f"http://127.0.0.1:{free_port()}"
-    gateway = spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env={
-        "HYDRASERVE_NATS__URL": nats_url, "HYDRASERVE_DATABASE__URL": db_url,
-        "HYDRASERVE_GATEWAY__STORAGE_URL": storage_url,
-        "HYDRASERVE_GATEWAY__PORT": base_url.rsplit(":", 1)[1],
-        "HYDRASERVE_GATEWAY__ADMIN_KEY": ADMIN_KEY,
-        "HYDRASERVE_GATEWAY__FIRST_TOKEN_TIMEOUT_S": "1"})
-    try:
-        wait_for_http(f"{storage_url}/models", storage, tmp / "storage.log")
-        wait_for_http(f"{base_url}/health", gateway, tmp / "gateway.log")
+    with admin_gateway(nats_url=nats_url, database_url=database_url,
+                       workspace=tmp_path_factory.mktemp("tenants"), admin_key=ADMIN_KEY,
+                       env={"HYDRASERVE_GATEWAY__FIRST_TOKEN_TIMEOUT_S": "1"}) as gateway:
+        base_url = gateway.base_url
         suffix = uuid.uuid4().hex[:6]
         admin(base_url, "POST", "/admin/tenants", {"name": "a", "max_requests_per_minute": 2})
         admin(base_url, "POST", "/admin/tenants", {"name": "b"})
@@ -96,10 +64,6 @@ def tenant_stack(nats_url: str, database_url: str, demo_model_dir: Path,
                 "tpot_slo_ms": 100, "max_pipeline_degree": 1,
                 **({"owner_tenant": "a"} if kind == "private" else {})})
         yield TenantStack(base_url, nats_url, keys, models["public"], models["private"])
-    finally:
-        stop(gateway)
-        stop(storage)
-        asyncio.run(_sql(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def client(stack: TenantStack, tenant: str) -> openai.AsyncOpenAI:
@@ -175,21 +139,7 @@ def test_tenant_changes_are_audited_and_admins_see_the_owner(
     described = admin(tenant_stack.base_url, "GET",
                       f"/admin/models/{tenant_stack.private_model}").json()
 
-    async def audited() -> list[Event]:
-        nc = await nats.connect(tenant_stack.nats_url)
-        try:
-            sub = await nc.jetstream().subscribe(event_filter("admin.*"), ordered_consumer=True,
-                                                 deliver_policy=DeliverPolicy.ALL)
-            events = []
-            while True:
-                try:
-                    events.append(Event.model_validate_json((await sub.next_msg(1.0)).data))
-                except TimeoutError:
-                    return events
-        finally:
-            await nc.close()
-
-    events = asyncio.run(audited())
+    events = asyncio.run(audit_events(tenant_stack.nats_url))
     mine = [(event.kind, event.data.get("tenant"), event.data.get("max_tokens_per_minute"))
             for event in events if event.data.get("tenant") in ("a", "b")
             and event.kind.startswith("admin.tenant_")]

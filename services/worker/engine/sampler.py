@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
-from services.worker.engine.sequence import Sequence
+from services.worker.engine.sequence import SamplingParams
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+class Sampled(Protocol):
+    """What sampling reads of a sequence (an engine `Sequence`, or a pipeline's last stage's
+    record of one)."""
+
+    @property
+    def params(self) -> SamplingParams: ...
+
+    @property
+    def generator(self) -> torch.Generator: ...
+
+
+def sample(logits: torch.Tensor, seqs: Sequence[Sampled]) -> list[int]:
     """logits [num_seqs, vocab] float32 -> one token id per sequence."""
     logits = logits.cpu()
     if all(seq.params.is_greedy for seq in seqs):
@@ -18,7 +32,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens
 
 
-def _sample_one(logits: torch.Tensor, seq: Sequence) -> int:
+def _sample_one(logits: torch.Tensor, seq: Sampled) -> int:
     params = seq.params
     if params.is_greedy:
         return int(logits.argmax())

@@ -156,11 +156,8 @@ class PipelineDriver:
             return self._receive()  # the last micro-batches finish in the pipeline
         if not handover.is_sent:
             handover.seqs = self.engine.running_sequences()
-            moves, finished = self.engine.take_pending()
             packet = StagePacket(
-                kind="handover", slot_moves=[SlotMoveInfo(src=m.src, dst=m.dst, length=m.length)
-                                             for m in moves],
-                finished_ids=finished,
+                kind="handover", **self._pending(),
                 handover=[HandoverSeq(request_id=s.request_id, slot=s.slot or 0,
                                       num_cached=s.num_cached) for s in handover.seqs])
             self._send(1, encode(packet))
@@ -208,13 +205,11 @@ class PipelineDriver:
     # --- micro-batches -------------------------------------------------------------------------
     def _launch(self, plan: StepPlan) -> None:
         hidden = self.engine.run_stages(plan)  # [num_tokens, hidden]
-        moves, finished = self.engine.take_pending()
         writer = BlobWriter()
         forward = plan.forward
         packet = StagePacket(
-            kind="batch", step_id=plan.step_id,
-            slot_moves=[SlotMoveInfo(src=m.src, dst=m.dst, length=m.length) for m in moves],
-            finished_ids=finished, is_prefill=forward.is_prefill, slot_ids=forward.slot_ids,
+            kind="batch", step_id=plan.step_id, **self._pending(),
+            is_prefill=forward.is_prefill, slot_ids=forward.slot_ids,
             context_lens=forward.context_lens, query_lens=forward.query_lens,
             sampling=[SeqSampling(request_id=s.request_id, temperature=s.params.temperature,
                                   top_p=s.params.top_p, top_k=s.params.top_k, seed=s.seed)
@@ -222,6 +217,14 @@ class PipelineDriver:
             hidden=writer.add(hidden))
         self._send(1, encode(packet, writer.getvalue()))
         self._in_flight[plan.step_id] = plan
+
+    def _pending(self) -> dict[str, Any]:
+        """The slot moves and finished requests the other stages have not seen yet, as
+        `StagePacket` fields: every packet down the ring carries them."""
+        moves, finished = self.engine.take_pending()
+        return {"slot_moves": [SlotMoveInfo(src=m.src, dst=m.dst, length=m.length)
+                               for m in moves],
+                "finished_ids": finished}
 
     def _receive(self) -> list[RequestOutput]:
         try:

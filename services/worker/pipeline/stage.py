@@ -108,7 +108,7 @@ class StageServer:
         self.num_steps += 1
         if self.is_last:
             logits = self.runner.logits(hidden, batch)  # [num_seqs, vocab]
-            token_ids = sample(logits, [self._sampler(s) for s in packet.sampling])  # type: ignore[arg-type]
+            token_ids = sample(logits, [self._sampler(s) for s in packet.sampling])
             computed = time.perf_counter()
             self._reply(DriverPacket(kind="tokens", stage=self.stage, step_id=packet.step_id,
                                      token_ids=token_ids))
