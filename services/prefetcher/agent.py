@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from opentelemetry.context import Context
+
 from libs.common.errors import HydraError
 from libs.common.messages import (
     ConsolidateCommand,
@@ -31,7 +33,14 @@ from libs.common.watermark import partition_model_dir, watermark_path
 from services.prefetcher.cache import CacheKey, HostCache
 from services.prefetcher.fetch import FetchResult, default_model_dir
 from services.prefetcher.launcher import Launcher, WorkerHandle, WorkerSpec
-from services.prefetcher.observe import record_cache_lookup, record_fetch, record_workers
+from services.prefetcher.observe import (
+    fetch_span,
+    launch_span,
+    record_cache_lookup,
+    record_fetch,
+    record_fetch_failed,
+    record_workers,
+)
 from services.storage.throttle import TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -69,6 +78,9 @@ class _Worker:
     command: PlaceWorkerCommand
     partition: Path
     model_dir: Path
+    # the placing decision's trace context (the command's `traceparent`): the parent of
+    # this worker's fetch and launch spans
+    trace_context: Context | None = None
     # done with True once every byte is in
     fetch: asyncio.Task[bool] | None = None
     # consolidation: the other stages' partitions, fetched next to this worker's own
@@ -107,14 +119,15 @@ class NodeAgent:
     def worker_ids(self) -> list[str]:
         return sorted(self._workers)
 
-    async def place(self, command: PlaceWorkerCommand) -> None:
+    async def place(self, command: PlaceWorkerCommand, *,
+                    trace_context: Context | None = None) -> None:
         if command.command_id in self._placed or command.worker_id in self._workers:
             logger.info("worker %s already placed; command %s ignored", command.worker_id,
                         command.command_id)
             return
         self._placed.add(command.command_id)
         partition = self.config.work_dir / f"w{command.worker_id}.safetensors"
-        worker = _Worker(command, partition, default_model_dir(partition))
+        worker = _Worker(command, partition, default_model_dir(partition), trace_context)
         self._workers[command.worker_id] = worker
         self._record_workers()
         await self._report(EventKind.FETCH_STARTED, model=command.model,
@@ -140,7 +153,9 @@ class NodeAgent:
     async def _launch(self, worker: _Worker) -> None:
         command = worker.command
         try:
-            worker.handle = await self._launcher.launch(self._spec(worker))
+            with launch_span(self.config.node_id, model=command.model,
+                             worker_id=command.worker_id, context=worker.trace_context) as env:
+                worker.handle = await self._launcher.launch(self._spec(worker, env=env))
         except OSError as exc:
             logger.error("launching worker %s failed: %r", command.worker_id, exc)
             await self._finish(worker, exit_code=None, error=repr(exc))
@@ -150,7 +165,8 @@ class NodeAgent:
                            worker_id=command.worker_id, pid=worker.handle.pid)
         worker.monitor = asyncio.create_task(self._watch(worker, worker.handle))
 
-    async def consolidate(self, command: ConsolidateCommand) -> None:
+    async def consolidate(self, command: ConsolidateCommand, *,
+                          trace_context: Context | None = None) -> None:
         """Fetch the stages the full-size worker lacks next to its partition, in layer order
         (it loads them as they arrive). Idempotent per worker."""
         worker = self._workers.get(command.worker_id)
@@ -160,11 +176,12 @@ class NodeAgent:
             return
         if worker.consolidation is not None:
             return
-        worker.consolidation = asyncio.create_task(self._fetch_for_consolidation(worker, command))
+        worker.consolidation = asyncio.create_task(
+            self._fetch_for_consolidation(worker, command, trace_context))
         worker.consolidation.add_done_callback(_log_failure)
 
-    async def _fetch_for_consolidation(self, worker: _Worker,
-                                       command: ConsolidateCommand) -> None:
+    async def _fetch_for_consolidation(self, worker: _Worker, command: ConsolidateCommand,
+                                       trace_context: Context | None) -> None:
         for stage in sorted(command.stages):
             dest = consolidation_partition(worker.partition, command.degree, stage)
             worker.extra_partitions.append(dest)
@@ -173,6 +190,7 @@ class NodeAgent:
                                degree=command.degree, stage=stage, consolidation=True)
             if not await self._fetch_stage(command, command.worker_id, command.degree, stage,
                                            dest, partition_model_dir(dest),
+                                           trace_context=trace_context,
                                            event_data={"consolidation": True, "stage": stage}):
                 return
 
@@ -200,7 +218,7 @@ class NodeAgent:
         for worker_id in self.worker_ids:
             await self.stop(StopWorkerCommand(worker_id=worker_id, node_id=self.config.node_id))
 
-    def _spec(self, worker: _Worker) -> WorkerSpec:
+    def _spec(self, worker: _Worker, *, env: dict[str, str]) -> WorkerSpec:
         command = worker.command
         argv = [sys.executable, "-m", "services.worker", "--model", command.model,
                 "--model-dir", str(worker.model_dir), "--partition", str(worker.partition),
@@ -209,7 +227,7 @@ class NodeAgent:
                 "--degree", str(command.degree), "--stage", str(command.stage),
                 *self.config.worker_args]
         log_path = self.config.work_dir / "logs" / f"worker-{command.worker_id}.log"
-        return WorkerSpec(worker_id=command.worker_id, argv=argv, log_path=log_path)
+        return WorkerSpec(worker_id=command.worker_id, argv=argv, log_path=log_path, env=env)
 
     async def _run_fetch(self, worker: _Worker) -> bool:
         command = worker.command
@@ -224,38 +242,43 @@ class NodeAgent:
 
         return await self._fetch_stage(command, command.worker_id, command.degree,
                                        command.stage, worker.partition, worker.model_dir,
+                                       trace_context=worker.trace_context,
                                        on_progress=on_progress)
 
     async def _fetch_stage(self, command: PlaceWorkerCommand | ConsolidateCommand,
                            worker_id: str, degree: int, stage: int, dest: Path,
-                           model_dir: Path, *,
+                           model_dir: Path, *, trace_context: Context | None,
                            on_progress: Callable[[int, int], None] | None = None,
                            event_data: dict[str, Any] | None = None) -> bool:
         """One partition into `dest`: from the host cache if it holds it, else over the NIC
-        (then kept in the cache); reported as fetch.done / fetch.failed with `event_data`."""
+        (then kept in the cache); reported as fetch.done / fetch.failed with `event_data`,
+        traced as a `prefetcher.fetch` child of `trace_context`."""
         data = event_data or {}
         started = time.monotonic()
         started_at = time.time()
         key = _cache_key(command, degree, stage)
-        if await self._restore_cached(key, dest, worker_id, started, **data):
-            return True
-        try:
-            result = await self._fetch(
-                command.storage_url or self.config.storage_url,
-                command.storage_model or command.model, degree, stage, dest,
-                num_streams=self.config.num_streams, nic=self._nic, on_progress=on_progress,
-                model_dir=model_dir)
-        except HydraError as exc:
-            await self._report(EventKind.FETCH_FAILED, model=command.model,
-                               worker_id=worker_id, error=exc.message, **data)
-            return False
+        with fetch_span(self.config.node_id, model=command.model, worker_id=worker_id,
+                        degree=degree, stage=stage, context=trace_context):
+            if await self._restore_cached(key, dest, worker_id, started, **data):
+                return True
+            try:
+                result = await self._fetch(
+                    command.storage_url or self.config.storage_url,
+                    command.storage_model or command.model, degree, stage, dest,
+                    num_streams=self.config.num_streams, nic=self._nic,
+                    on_progress=on_progress, model_dir=model_dir)
+            except HydraError as exc:
+                record_fetch_failed(exc.message)
+                await self._report(EventKind.FETCH_FAILED, model=command.model,
+                                   worker_id=worker_id, error=exc.message, **data)
+                return False
+            record_fetch(self.config.node_id, num_bytes=result.num_bytes,
+                         started_at=started_at, bytes_per_s=result.bytes_per_s,
+                         is_cached=False)
         await self._report(EventKind.FETCH_DONE, model=command.model, worker_id=worker_id,
                            num_bytes=result.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6),
                            bytes_per_s=round(result.bytes_per_s), cached=False, **data)
-        record_fetch(self.config.node_id, model=command.model, worker_id=worker_id,
-                     num_bytes=result.num_bytes, started_at=started_at,
-                     bytes_per_s=result.bytes_per_s, is_cached=False)
         self._keep(key, dest)
         return True
 
@@ -269,9 +292,8 @@ class NodeAgent:
         record_cache_lookup(self.config.node_id, is_hit=entry is not None)
         if entry is None:
             return False
-        record_fetch(self.config.node_id, model=key.model, worker_id=worker_id,
-                     num_bytes=entry.num_bytes, started_at=started_at, bytes_per_s=None,
-                     is_cached=True)
+        record_fetch(self.config.node_id, num_bytes=entry.num_bytes, started_at=started_at,
+                     bytes_per_s=None, is_cached=True)
         await self._report(EventKind.FETCH_DONE, model=key.model, worker_id=worker_id,
                            num_bytes=entry.num_bytes,
                            fetch_s=round(time.monotonic() - started, 6), cached=True,

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from libs.common.errors import FetchFailedError, HydraError, NotFoundError
+from libs.common.tracing import inject_headers
 from libs.common.watermark import partition_model_dir
 from services.prefetcher.shm import PartitionWriter
 from services.storage.schemas import ErrorResponse, Manifest, ModelInfo
@@ -86,7 +87,10 @@ async def fetch_partition(
         nic = TokenBucket(bandwidth_cap_bytes_per_s)
     started = time.monotonic()
     limits = httpx.Limits(max_connections=num_streams + 1)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+    # every request carries the current span (the node agent's `prefetcher.fetch`): the
+    # store's spans join its trace
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits,
+                                 headers=inject_headers()) as client:
         if manifest is None:
             try:
                 manifest = Manifest.model_validate_json(await _get(

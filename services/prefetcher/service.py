@@ -2,7 +2,8 @@
 
 Registers the node (a `node.registered` event, then `node.heartbeat` every few seconds),
 pulls this node's commands from `HS_COMMANDS` through a durable consumer (`node-<id>`), hands
-each to the agent and acks it once handled; the agent's reports go out as events.
+each to the agent (with the trace context of its `traceparent` header) and acks it once
+handled; the agent's reports go out as events.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from libs.common.messages import (
 )
 from libs.common.settings import BusSettings, NatsSettings
 from libs.common.subjects import COMMANDS_STREAM, command_subject, encode_token
+from libs.common.tracing import extract_context
 from services.prefetcher.agent import AgentConfig, NodeAgent
 from services.prefetcher.fetch import fetch_partition
 from services.prefetcher.launcher import Launcher, LocalLauncher
@@ -115,10 +117,12 @@ class NodeAgentService:
             logger.error("dropping a malformed command: %s", exc)
             await msg.term()
             return
+        # the scheduler's decision, when a request's arrival led to this command
+        trace_context = extract_context(msg.headers)
         if isinstance(command, PlaceWorkerCommand):
-            await agent.place(command)
+            await agent.place(command, trace_context=trace_context)
         elif isinstance(command, ConsolidateCommand):
-            await agent.consolidate(command)
+            await agent.consolidate(command, trace_context=trace_context)
         else:
             # stopping waits for the worker to drain: not on the command loop
             self._spawn(agent.stop(command))

@@ -28,6 +28,8 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.context import Context
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -38,7 +40,13 @@ from libs.common.db.session import create_engine, create_sessionmaker
 from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings, NatsSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS
-from libs.common.tracing import TRACEPARENT_HEADER, extract_context, record_span, tracer
+from libs.common.tracing import (
+    TRACEPARENT_HEADER,
+    extract_context,
+    inject_headers,
+    record_span,
+    tracer,
+)
 from services.scheduler import backlog
 from services.scheduler import events as policy_events
 from services.scheduler.commands import model_registered_event, to_outgoing, to_policy_event
@@ -250,16 +258,18 @@ class SchedulerService:
             await _apply_until_stored(store, before, after, now=now)
         self.state = after
         record_decision(before, after, commands, policy=self.config.policy_name)
+        trace_context = None
         if isinstance(event, policy_events.RequestArrived):
-            self._trace_decision(event, commands, started=now)
+            trace_context = self._trace_decision(event, commands, started=now)
         if isinstance(event, policy_events.ModelRegistered):
             # recorded for replay: the policy's models come from flags and the database
             await publish_event(nc, model_registered_event(event.model, now=now))
         for command in commands:
-            await self._send(nc, js, command)
+            await self._send(nc, js, command, trace_context=trace_context)
 
-    async def _send(self, nc: NATS, js: JetStreamContext,
-                    command: policy_events.Command) -> None:
+    async def _send(self, nc: NATS, js: JetStreamContext, command: policy_events.Command, *,
+                    trace_context: Context | None = None) -> None:
+        """Publish a command (with `trace_context` in its headers, if any) and its event."""
         model = (command.model if isinstance(command, policy_events.PlaceWorker
                                              | policy_events.Consolidate) else None)
         outgoing = to_outgoing(command, storage_url=self.config.storage_url,
@@ -273,27 +283,34 @@ class SchedulerService:
             return
         if outgoing.message is not None:
             assert outgoing.subject is not None and outgoing.command_id is not None, outgoing
+            headers = {MSG_ID_HEADER: outgoing.command_id}
+            if trace_context is not None:
+                headers = inject_headers(headers, context=trace_context)
             await js.publish(outgoing.subject, outgoing.message.model_dump_json().encode(),
-                             headers={MSG_ID_HEADER: outgoing.command_id})
+                             headers=headers)
             logger.info("sent %s to %s", type(outgoing.message).__name__, outgoing.subject)
         await publish_event(nc, outgoing.event)
 
 
     def _trace_decision(self, event: policy_events.RequestArrived,
-                        commands: Sequence[policy_events.Command], *, started: float) -> None:
-        """The decision a request's arrival triggered, as a span of the request's trace."""
+                        commands: Sequence[policy_events.Command], *,
+                        started: float) -> Context | None:
+        """The decision a request's arrival triggered, as a span of the request's trace; the
+        context its commands carry (None if the request came without one)."""
         parent = self._trace_parents.pop(event.request_id, None)
         if parent is None:
-            return
+            return None
+        parent_context = extract_context({TRACEPARENT_HEADER: parent})
         placed = [c for c in commands if isinstance(c, policy_events.PlaceWorker)]
-        record_span(_tracer, "scheduler.decide", start=started, end=time.time(),
-                    context=extract_context({TRACEPARENT_HEADER: parent}),
-                    attributes={"hydraserve.request_id": event.request_id,
-                                "hydraserve.model": event.model,
-                                "hydraserve.num_commands": len(commands),
-                                "hydraserve.placed_nodes": [c.node_id for c in placed],
-                                "hydraserve.pipeline_degree":
-                                    placed[0].pipeline_degree if placed else 0})
+        span = record_span(
+            _tracer, "scheduler.decide", start=started, end=time.time(), context=parent_context,
+            attributes={"hydraserve.request_id": event.request_id,
+                        "hydraserve.model": event.model,
+                        "hydraserve.num_commands": len(commands),
+                        "hydraserve.placed_nodes": [c.node_id for c in placed],
+                        "hydraserve.pipeline_degree": placed[0].pipeline_degree if placed else 0})
+        # without an SDK the span is the parent's context again: the chain stays whole
+        return trace.set_span_in_context(span, parent_context)
 
 
 async def _apply_until_stored(store: StateStore, before: ClusterState, after: ClusterState,

@@ -2,7 +2,8 @@
 
 Partition data is served as the bytes of a safetensors file that exists nowhere on disk: the
 manifest says which source-file ranges make up each range of it. Responses that carry data go
-through one egress token bucket per process, so a benchmark can give the store a NIC.
+through one egress token bucket per process, so a benchmark can give the store a NIC. A
+request that carries a `traceparent` is traced (`storage.read`, `services.storage.observe`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from libs.common.errors import HydraError, RangeNotSatisfiableError
+from services.storage.observe import ReadSpanMiddleware
 from services.storage.ranges import (
     ByteRange,
     Segment,
@@ -157,4 +159,6 @@ def create_app(store: ModelStore, *, egress: TokenBucket | None = None) -> FastA
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(router)
+    # around the routes and their error handlers: an error answer is traced too
+    app.add_middleware(ReadSpanMiddleware)
     return app

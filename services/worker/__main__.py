@@ -20,12 +20,13 @@ import uuid
 from pathlib import Path
 
 from nats.errors import Error as NatsError
+from opentelemetry import context as otel_context
 
 from libs.common.errors import HydraError
 from libs.common.logging import configure_logging
 from libs.common.metrics import serve_metrics
 from libs.common.settings import Settings
-from libs.common.tracing import configure_tracing
+from libs.common.tracing import configure_tracing, context_from_environment
 from services.worker.config import WorkerConfig
 from services.worker.service import WorkerService
 
@@ -114,6 +115,9 @@ async def serve(config: WorkerConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     configure_logging("worker")
     configure_tracing("worker")
+    # launched by a node agent: the process runs in its launch span's trace (TRACEPARENT),
+    # so the start-up span joins the trace of the request that placed it
+    otel_context.attach(context_from_environment(os.environ))
     args = parse_args(argv)
     try:
         serve_metrics(args.metrics_port)

@@ -2,7 +2,10 @@
 
 A finished request adds its `worker.request` span (from the gateway's acceptance to the last
 chunk; a child of the gateway's span when the message carried a `traceparent`) with
-`queue_wait`, `prefill` and `decode` children, counts itself and its tokens. No transport here.
+`queue_wait`, `prefill` and `decode` children, counts itself and its tokens. A ready worker
+adds its `worker.startup` span (process start -> ready, with `imports` and `load` children), a
+child of the current context: the node agent's launch span, when it set TRACEPARENT (see
+`__main__`). No transport here.
 """
 
 from __future__ import annotations
@@ -47,15 +50,24 @@ def record_request(progress: RequestProgress, last: TokenChunk, *,
 
 
 def record_startup(phases: Mapping[str, float], *, load_s: float) -> None:
-    """Cold-start phases: imports, load, and total (process start -> ready)."""
+    """Cold-start phases: imports, load, and total (process start -> ready); and their span."""
     started = phases.get("process_started_at")
     imports_done = phases.get("imports_done_at")
     ready = phases.get("ready_at")
     if started is not None and imports_done is not None:
         STARTUP_PHASE.labels(phase="imports").observe(max(0.0, imports_done - started))
     STARTUP_PHASE.labels(phase="load").observe(load_s)
-    if started is not None and ready is not None:
-        STARTUP_PHASE.labels(phase="total").observe(max(0.0, ready - started))
+    if started is None or ready is None:
+        return
+    STARTUP_PHASE.labels(phase="total").observe(max(0.0, ready - started))
+    span = _tracer.start_span("worker.startup", start_time=_ns(started))
+    inner = trace.set_span_in_context(span)
+    if imports_done is not None:
+        record_span(_tracer, "imports", start=started, end=imports_done, context=inner)
+    load_started, loaded = phases.get("load_started_at"), phases.get("loaded_at")
+    if load_started is not None and loaded is not None:
+        record_span(_tracer, "load", start=load_started, end=loaded, context=inner)
+    span.end(end_time=_ns(max(started, ready)))
 
 
 def _ns(seconds: float) -> int:
