@@ -9,6 +9,7 @@ import pytest
 
 from services.worker.engine.engine import LLMEngine, generate
 from services.worker.engine.errors import ContextLengthError, InvalidRequestError
+from services.worker.engine.models.base import Linear, StageModel
 from services.worker.engine.sequence import RequestOutput, SamplingParams
 from tests.hf_reference import SavedModel, hf_greedy, make_engine
 
@@ -225,17 +226,19 @@ def test_never_written_cache_memory_cannot_leak_into_outputs(saved: SavedModel) 
         assert tokens[f"r{i}"] == hf_greedy(hf, prompt, 24)
 
 
-def test_packed_cpu_weights_give_the_same_tokens_as_plain_ones(saved: SavedModel) -> None:
-    from services.worker.engine.models.base import Linear
-
-    folder, hf = saved
-    plain = make_engine(folder, weight_packing="off")
-    packed = make_engine(folder, weight_packing="sync")
-    model = packed.runners[0].model
+def is_packed(model: StageModel) -> bool:
+    """Every linear of `model` packed, or fused into a packed group (and some are fused)."""
     fused = {id(linear) for owner, name, group in model.fusion_groups() for linear in group
              if getattr(owner, name) is not None}
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert fused and all(m.packed is not None or id(m) in fused for m in linears)
+    return bool(fused) and all(m.packed is not None or id(m) in fused for m in linears)
+
+
+def test_packed_cpu_weights_give_the_same_tokens_as_plain_ones(saved: SavedModel) -> None:
+    folder, hf = saved
+    plain = make_engine(folder, weight_packing="off")
+    packed = make_engine(folder, weight_packing="sync")
+    assert is_packed(packed.runners[0].model)
     assert all(m.packed is None for m in plain.runners[0].model.modules()
                if isinstance(m, Linear))
     for engine in (plain, packed):
@@ -245,8 +248,6 @@ def test_packed_cpu_weights_give_the_same_tokens_as_plain_ones(saved: SavedModel
 
 def test_background_packing_swaps_weights_while_requests_run(saved: SavedModel) -> None:
     from services.worker.engine.cpu_packing import BackgroundPacker
-    from services.worker.engine.models.base import Linear
-
     folder, hf = saved
     engine = make_engine(folder, weight_packing="off")
     engine.add_request("r", PROMPTS[0], GREEDY)
@@ -255,10 +256,18 @@ def test_background_packing_swaps_weights_while_requests_run(saved: SavedModel) 
     tokens = run_to_end(engine)["r"]
     assert packer.wait(30)
     model = engine.runners[0].model
-    fused = {id(linear) for owner, name, group in model.fusion_groups() for linear in group
-             if getattr(owner, name) is not None}
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert packer.num_packed == len(linears)
-    assert all(m.packed is not None or id(m) in fused for m in linears)
+    assert packer.num_packed == len([m for m in model.modules() if isinstance(m, Linear)])
+    assert is_packed(model)
     assert len(tokens) == 23  # the first token came from the step before the packer started
     assert generate(engine, [PROMPTS[0]], GREEDY)[0].token_ids == hf_greedy(hf, PROMPTS[0], 24)
+
+
+def test_a_runner_loaded_with_packing_off_packs_when_asked(saved: SavedModel) -> None:
+    """What a consolidating pipeline worker does (its stages load with packing off)."""
+    folder, hf = saved
+    engine = make_engine(folder, weight_packing="off")
+    model = engine.runners[0].model
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    engine.runners[0].pack_weights()
+    assert is_packed(model)
+    assert generate(engine, [PROMPTS[2]], GREEDY)[0].token_ids == hf_greedy(hf, PROMPTS[2], 24)

@@ -60,6 +60,14 @@ class ModelRunner:
                 self.packer = BackgroundPacker(self.model)
         return stats
 
+    def pack_weights(self) -> None:
+        """Pack the linears now (for a runner loaded with packing off, or still packing in the
+        background); serving may go on meanwhile, each layer switching when it is done."""
+        if self.packer is not None:
+            self.packer.wait()
+        elif can_pack(self.device, self.dtype):
+            pack_linears(self.model)
+
     def wait_for_packing(self, timeout: float | None = None) -> bool:
         """Block until background weight packing is done (True if none is running)."""
         return self.packer.wait(timeout) if self.packer is not None else True

@@ -110,9 +110,11 @@ class PipelineLink:
             for path in paths:  # in layer order; each loads as its bytes arrive
                 runners.append(await asyncio.to_thread(load_stage_runner, path, base,
                                                        engine.model_config))
-            # the pipeline serves meanwhile: switch only once the new stages run at full speed
-            for runner in runners:
-                await asyncio.to_thread(runner.wait_for_packing)
+            # a pipeline worker loads with packing off (services/worker/__main__.py): pack
+            # the whole model now, while the pipeline serves, and switch only once every
+            # stage runs at full speed
+            for runner in [*engine.runners, *runners]:
+                await asyncio.to_thread(runner.pack_weights)
             load_s = time.monotonic() - started
             assert self._engine_loop is not None
             await self._publish(EventKind.KV_HANDOVER, stages=command.stages,
