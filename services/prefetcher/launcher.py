@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from libs.common.embedded.process import parent_death_preexec
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,7 +69,14 @@ class LocalProcess:
 
 
 class LocalLauncher:
-    """Worker processes on this machine, their output in a log file each."""
+    """Worker processes on this machine, their output in a log file each.
+
+    A worker runs in a session of its own (a signal to the agent's process group does not
+    reach it: the agent stops its workers itself, draining them), but dies with its agent:
+    SIGKILL when the agent's process ends without stopping it. The scheduler forgets the
+    workers of a node whose agent went silent, so a worker living on would hold memory nobody
+    accounts for; killed, its unacknowledged requests go back to the queue (RELIABILITY.md).
+    """
 
     def __init__(self, *, cwd: Path | None = None) -> None:
         self._cwd = cwd
@@ -78,6 +87,7 @@ class LocalLauncher:
         with spec.log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *spec.argv, stdout=log, stderr=asyncio.subprocess.STDOUT, cwd=self._cwd,
-                env={**os.environ, **spec.env}, start_new_session=True)
+                env={**os.environ, **spec.env}, start_new_session=True,
+                preexec_fn=parent_death_preexec(signal.SIGKILL))
         logger.info("launched worker %s as pid %d", spec.worker_id, process.pid)
         return LocalProcess(process)

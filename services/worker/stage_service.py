@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 from libs.common.bus import EventPublisher, connect, ensure_streams
 from libs.common.messages import EventKind
 from services.worker.config import WorkerConfig
+from services.worker.observe import record_startup
 from services.worker.partition import load_worker_stage
 from services.worker.pipeline.channel import PipeChannel
 
@@ -68,6 +69,7 @@ class StageService:
             await channel.start(config.stage, server.inbox.put)
             config.phases["ready_at"] = time.time()
             load_s = round(time.monotonic() - started, 6)
+            record_startup(config.phases, load_s=load_s)
             await events.publish(EventKind.WORKER_READY, load_s=load_s, stage=config.stage,
                                  degree=config.degree, start_layer=runner.stage.start_layer,
                                  end_layer=runner.stage.end_layer, phases=dict(config.phases))
