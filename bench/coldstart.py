@@ -17,6 +17,9 @@ Reported: client-side TTFT per cold request and the mean of the best `--best` (d
 3), the phase breakdown of the best cold start (from the events), ratios to
 `serverless_vllm`, the floor size / (degree x NIC) + first-token time (a warm request's
 TTFT), and TPOT of the pipeline, of the consolidated worker and of a single worker.
+Every worker runs with cores / 4 threads (at least 1; `--worker-threads`), the emulated
+node's share of this machine, as `hydraserve up` does: a thread pool larger than the CPU time
+it gets stalls at every op's barrier and would slow whichever mode has more processes.
 Run: `python bench/coldstart.py [--quick]`; writes bench/out/coldstart.json.
 """
 
@@ -46,7 +49,7 @@ import httpx  # noqa: E402
 import nats  # noqa: E402
 from nats.js.api import DeliverPolicy  # noqa: E402
 
-from hydraserve.up import Supervisor  # noqa: E402
+from hydraserve.up import Supervisor, worker_threads  # noqa: E402
 from libs.common.embedded.process import free_port  # noqa: E402
 from libs.common.messages import Event, EventKind  # noqa: E402
 from libs.common.subjects import EVENTS_SUBJECTS  # noqa: E402
@@ -141,12 +144,15 @@ class Cluster:
         })
         _wait_http(f"{self.api}/health", self.supervisor)
         nic_gbps = self.nic_bytes_per_s * 8 / 1e9
+        # each emulated node's workers get its share of the cores (as `hydraserve up` does)
+        threads = self.args.worker_threads or worker_threads(len(NODES))
         for node in NODES:
             self.supervisor.start(f"agent-{node}", [
                 "-m", "services.prefetcher", "--node-id", node, "--gpu-memory-gb", "16",
                 "--nic-gbps", f"{nic_gbps:.6f}", "--storage-url", self.storage_url,
                 "--nats", self.nats_url, "--work-dir", str(self.work / "nodes" / node),
                 "--heartbeat-interval", "1", "--worker-arg=--capacity=4",
+                f"--worker-arg=--threads={threads}",
             ], {})
 
     async def start_scheduler(self, mode: str) -> None:
@@ -432,6 +438,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker-threads", type=int,
+                        help="CPU threads per worker (default: cores / 4 nodes, at least 1)")
     parser.add_argument("--size", default="100m", choices=["tiny", "small", "100m"],
                         help="the demo model (100m: 125M parameters, 500 MB fp32)")
     parser.add_argument("--fetch-s", type=float, default=24.0,

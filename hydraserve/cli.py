@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gpu-memory-gb", type=float, default=16.0, help="per node (default: 16)")
     up.add_argument("--nic-gbps", type=float, default=16.0,
                     help="per-node NIC bandwidth cap in Gbit/s (default: 16)")
+    up.add_argument("--worker-threads", type=int,
+                    help="CPU threads per worker (default: the machine's cores / --nodes, at "
+                         "least 1, so the emulated nodes do not oversubscribe the CPU)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000, help="the API's port (default: 8000)")
     up.add_argument("--keep-alive", type=float, default=60.0,

@@ -98,6 +98,15 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_threads(num_nodes: int) -> int:
+    """CPU threads per worker when `num_nodes` emulated nodes share this machine: its cores
+    split between them, at least one each. (A torch pool with more threads than the CPU time
+    it gets waits at every op's barrier for a descheduled thread: on 2 loaded cores, a
+    2-thread decode ran 9x slower than a 1-thread one; docs/BENCHMARKS.md.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, num_nodes))
+
+
 def _start_services(supervisor: Supervisor, args: argparse.Namespace, *, state: Path,
                     nats_url: str, database_url: str, admin_key: str) -> str:
     storage_url = f"http://127.0.0.1:{free_port('127.0.0.1')}"
@@ -117,13 +126,14 @@ def _start_services(supervisor: Supervisor, args: argparse.Namespace, *, state: 
     supervisor.start("scheduler", ["-m", "services.scheduler", "--nats", nats_url,
                                    "--database-url", database_url,
                                    "--storage-url", storage_url], env)
+    threads = args.worker_threads or worker_threads(args.nodes)
     for i in range(args.nodes):
         node = f"node-{i}"
         supervisor.start(node, [
             "-m", "services.prefetcher", "--node-id", node,
             "--gpu-memory-gb", str(args.gpu_memory_gb), "--nic-gbps", str(args.nic_gbps),
             "--storage-url", storage_url, "--nats", nats_url,
-            "--work-dir", str(state / "nodes" / node),
+            "--work-dir", str(state / "nodes" / node), f"--worker-arg=--threads={threads}",
         ], env)
     _wait_for_nodes(api, admin_key, args.nodes, supervisor)
     return api

@@ -71,9 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for the engine's ops (default: torch's, one per core). "
+                             "Emulated nodes sharing a machine should split its cores: a "
+                             "thread pool larger than the CPU time it gets stalls at every "
+                             "op's barrier")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics on this port (default 0: off)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if not 0 <= args.stage < args.degree:
         parser.error(f"--stage {args.stage} is not a stage of a degree-{args.degree} pipeline")
     if args.degree > 1 and (args.endpoint_id is None or args.partition is None):
@@ -117,6 +124,14 @@ async def serve(config: WorkerConfig) -> int:
     return await WorkerService(config).run(stop)
 
 
+def set_threads(threads: int) -> None:
+    """The engine's intra-op thread count: torch reads OMP_NUM_THREADS when it loads, which
+    here happens later, in the load thread."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if (torch := sys.modules.get("torch")) is not None:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging("worker")
     configure_tracing("worker")
@@ -124,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     # so the start-up span joins the trace of the request that placed it
     otel_context.attach(context_from_environment(os.environ))
     args = parse_args(argv)
+    if args.threads is not None:
+        set_threads(args.threads)
     try:
         serve_metrics(args.metrics_port)
         config = build_config(args, Settings())

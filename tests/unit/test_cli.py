@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,33 @@ def test_a_service_command_hands_its_arguments_to_the_service(
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: python -m {module}")
+
+
+@pytest.mark.parametrize(("cores", "nodes", "threads"), [(2, 4, 1), (8, 4, 2), (16, 4, 4),
+                                                         (2, 1, 2), (3, 2, 1)])
+def test_up_splits_the_cores_between_the_emulated_nodes(
+        monkeypatch: pytest.MonkeyPatch, cores: int, nodes: int, threads: int) -> None:
+    from hydraserve.up import worker_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert worker_threads(nodes) == threads
+
+
+def test_the_worker_threads_flag_sets_torchs_pool_and_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from services.worker.__main__ import parse_args, set_threads
+
+    base = ["--model-dir", "m", "--model", "m"]
+    assert parse_args([*base, "--threads", "3"]).threads == 3
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--threads", "0"])
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset")  # restored (or removed) afterwards
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
