@@ -8,7 +8,9 @@ What every policy shares lives in `Policy`: request bookkeeping, worker life cyc
 heartbeats and failure, keep-alive (scale to zero), pipeline announce and consolidation, and
 the calibration of the cost model from measurements. What differs between the baselines
 (`POLICIES`) is the placer (`services.scheduler.placement`) and two switches: whether the
-fetch overlaps the worker's start-up, and whether pipelines consolidate.
+fetch overlaps the worker's start-up, and whether pipelines consolidate. Every baseline stops
+idle endpoints to make room for a cold start (`evict_idle`, `services.scheduler.eviction`), as
+serverless platforms do; switch it off to wait for keep-alive instead.
 
 Calibration: `WorkerReady.startup_s` is the worker's own span from process start to ready.
 With overlap the fetch runs inside that span, so the start-up constant of the TTFT formula
@@ -21,11 +23,17 @@ is a moving average (`PolicyConfig.ema_weight`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
 from services.scheduler.draft import Draft
-from services.scheduler.estimator import ColdStartInputs, CostModel, moving_average
+from services.scheduler.estimator import (
+    ColdStartInputs,
+    CostModel,
+    moving_average,
+    worker_gpu_bytes,
+)
 from services.scheduler.events import (
     AnnouncePipeline,
     Command,
@@ -47,6 +55,7 @@ from services.scheduler.events import (
     WorkerReady,
     WorkerStopped,
 )
+from services.scheduler.eviction import MemoryBook
 from services.scheduler.placement import Placer, WorkerPlan, place_pipeline, place_single_worker
 from services.scheduler.state import (
     Calibration,
@@ -79,6 +88,12 @@ class Policy:
     overlap: bool = True
     # pipelines consolidate into their full-size worker once every stage is ready
     consolidate: bool = False
+    # a cold start with no room stops idle endpoints, least recently used first
+    # (`services.scheduler.eviction`); False: it waits for keep-alive to free memory
+    evict_idle: bool = True
+    # cold starts that can still meet their TTFT SLO go first, earliest deadline first, then
+    # the late ones, oldest first; False: oldest first
+    deadline_order: bool = True
 
     def decide(self, state: ClusterState, event: Event,
                now: float) -> tuple[ClusterState, list[Command]]:
@@ -179,21 +194,43 @@ class Policy:
             tpot_s=_measured_or(timings.tpot_s, self.cost.tpot_s),
             per_hop_s=self.cost.per_hop_s, queue_wait_s=queue_wait_s)
 
+    def _queue_key(self, model: ModelSpec, oldest: float,
+                   now: float) -> tuple[bool, float, str]:
+        """Where a model waiting for a cold start stands in the queue; `oldest`: the arrival
+        of its oldest queued request."""
+        deadline = oldest + model.ttft_slo_s
+        if not self.deadline_order:
+            return False, oldest, model.name
+        is_late = deadline < now
+        return is_late, oldest if is_late else deadline, model.name
+
     def _place_queued(self, draft: Draft, now: float) -> None:
-        """Cold-start every model with queued requests and no live endpoint, oldest first."""
+        """Cold-start every model with queued requests and no live endpoint, in `_queue_key`
+        order; with `evict_idle`, stop idle endpoints for the ones that find no room."""
         oldest: dict[str, float] = {}
         for request in draft.requests.values():
             if request.worker_id is None:
                 oldest[request.model] = min(request.arrived_at,
                                             oldest.get(request.model, request.arrived_at))
         live_models = {e.model for e in draft.endpoints.values() if e.is_live}
-        for name in sorted(oldest.keys() - live_models, key=lambda m: (oldest[m], m)):
+        book: MemoryBook | None = None
+        for name in sorted(oldest.keys() - live_models,
+                           key=lambda m: self._queue_key(draft.models[m], oldest[m], now)):
             model = draft.models[name]
             inputs = self.cold_start_inputs(draft.calibration, name,
                                             queue_wait_s=max(0.0, now - oldest[name]))
-            plans = self.placer(draft.nodes.view, model, now, inputs)
-            if plans is not None:
-                _start_endpoint(draft, model, plans, now, overlap=self.overlap)
+            if book is None:
+                book = MemoryBook(draft.freeze(), may_evict=self.evict_idle)
+            room = book.make_room(
+                functools.partial(self.placer, model=model, now=now, inputs=inputs),
+                worker_bytes=worker_gpu_bytes(size_bytes=model.size_bytes,
+                                              kv_cache_bytes=model.kv_cache_bytes, degree=1,
+                                              is_full_size=True))
+            for victim in room.victims:
+                _scale_to_zero(draft, draft.endpoints[victim.endpoint_id])
+            if room.is_now and room.plans is not None:
+                _start_endpoint(draft, model, room.plans, now, overlap=self.overlap)
+                book.update(draft.nodes.view)
 
 
 def _on_request_arrived(draft: Draft, event: RequestArrived, now: float) -> None:

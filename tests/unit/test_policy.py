@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -36,7 +37,7 @@ from services.scheduler.events import (
     WorkerReady,
     WorkerStopped,
 )
-from services.scheduler.policy import decide
+from services.scheduler.policy import SINGLE_WORKER, Policy, decide
 from services.scheduler.state import ClusterState, Fetch, ModelSpec, NodeState
 
 pytestmark = pytest.mark.unit
@@ -74,12 +75,12 @@ def place(worker_id: int, endpoint_id: int, node_id: str, model: ModelSpec) -> P
                        is_full_size=True)
 
 
-def run(state: ClusterState,
-        timeline: Sequence[tuple[float, Event]]) -> tuple[ClusterState, list[Command]]:
+def run(state: ClusterState, timeline: Sequence[tuple[float, Event]], *,
+        policy: Policy = SINGLE_WORKER) -> tuple[ClusterState, list[Command]]:
     """Feed events in order; every intermediate state must keep its memory books balanced."""
     commands: list[Command] = []
     for now, event in timeline:
-        state, new_commands = decide(state, event, now)
+        state, new_commands = policy.decide(state, event, now)
         assert_memory_balanced(state)
         commands += new_commands
     return state, commands
@@ -93,6 +94,8 @@ def assert_memory_balanced(state: ClusterState) -> None:
 
 LLAMA = model_spec()
 MISTRAL = model_spec("mistral")
+# the single-worker baseline without eviction: a cold start with no room waits for keep-alive
+WAIT_FOR_KEEP_ALIVE = replace(SINGLE_WORKER, evict_idle=False)
 
 
 def test_a_request_for_a_cold_model_places_one_worker_on_the_node_with_most_free_memory() -> None:
@@ -131,14 +134,18 @@ def test_requests_while_an_endpoint_is_starting_or_ready_place_nothing_more() ->
     assert state.nodes["a"].fetches == ()
 
 
-def test_a_request_that_fits_nowhere_waits_and_is_placed_once_a_worker_stops() -> None:
+def test_without_eviction_a_request_that_fits_nowhere_waits_for_keep_alive_to_stop_a_worker(
+) -> None:
+    policy = WAIT_FOR_KEEP_ALIVE
     state = cluster([LLAMA, MISTRAL], [node_state("a", 24)])
     state, _ = run(state, [(0.0, RequestArrived("r1", "llama")), (2.0, WorkerReady(1)),
-                           (3.0, RequestStarted("r1", 1)), (4.0, RequestDone("r1"))])
+                           (3.0, RequestStarted("r1", 1)), (4.0, RequestDone("r1"))],
+                   policy=policy)
 
-    waiting, deferred = run(state, [(10.0, RequestArrived("r2", "mistral")), (12.0, Tick())])
-    state, stopping = run(waiting, [(63.0, heartbeat("a", 24)), (64.0, Tick())])
-    state, freed = run(state, [(65.0, WorkerStopped(1))])
+    waiting, deferred = run(state, [(10.0, RequestArrived("r2", "mistral")), (12.0, Tick())],
+                            policy=policy)
+    state, stopping = run(waiting, [(63.0, heartbeat("a", 24)), (64.0, Tick())], policy=policy)
+    state, freed = run(state, [(65.0, WorkerStopped(1))], policy=policy)
 
     assert (deferred, [r.request_id for r in waiting.queued_requests("mistral")]) == ([], ["r2"])
     assert stopping == [StopWorker(1, "a")]
@@ -147,12 +154,13 @@ def test_a_request_that_fits_nowhere_waits_and_is_placed_once_a_worker_stops() -
 
 
 def test_a_deferred_request_stays_queued_while_the_stopping_worker_holds_its_memory() -> None:
+    policy = WAIT_FOR_KEEP_ALIVE
     state = cluster([LLAMA, MISTRAL], [node_state("a", 24)])
     state, _ = run(state, [(0.0, RequestArrived("r1", "llama")), (4.0, RequestDone("r1")),
                            (10.0, RequestArrived("r2", "mistral")),
-                           (63.0, heartbeat("a", 24)), (64.0, Tick())])
+                           (63.0, heartbeat("a", 24)), (64.0, Tick())], policy=policy)
 
-    state, commands = run(state, [(65.0, Tick())])
+    state, commands = run(state, [(65.0, Tick())], policy=policy)
 
     assert commands == []
     assert [r.request_id for r in state.queued_requests("mistral")] == ["r2"]
