@@ -5,16 +5,36 @@
   consolidation fetch, `data.fetch_s`) where that fetch overlapped the span (it ended after
   the process started); the median over workers. This is the time a cold start costs beyond
   its fetch, as the policy's calibration defines it.
+- the simulator's start-up, which runs alongside the fetch (`worker_init_s`): for each
+  `worker.ready` whose fetch overlapped its process, the span from the `worker.placed` event to
+  `data.phases.load_started_at` (the worker starts taking its bytes: spawn, imports, engine
+  build); and `ready_tail_s`: `ready_at − max(load_started_at, fetch.done time)`, what is
+  left after both (the last tensors, the ready report). Medians. `apply` gives the simulator
+  these where measured: its overlapped worker is ready at max(fetch end, placement +
+  start-up) + tail, so the policy's "time beyond the fetch" would start a worker whose
+  start-up outlasts its fetch too early by the fetch time.
 - fetch bandwidth: the median `data.bytes_per_s` of `fetch.done` events that came over the
   network (`cached` false).
 - prefill and tpot per model: from `request.done` timings (`RequestProgress.timings`, seconds
   from the gateway's acceptance): prefill = `ttft_s − queue_s`; tpot = `(e2e_s − ttft_s) /
   (usage.completion_tokens − 1)`; medians per model. Requests served by pipelines are not
   told apart in the events, so calibrate from runs of whole-model workers.
+- prefill steps per model: the requests whose `request.first_token` one worker sent within
+  10 ms were prefilled in one step (the engine prefills every waiting request at once); a
+  robust (Theil-Sen) line of the step's time (the longest `ttft_s − queue_s`) over its prompt
+  tokens (`usage.prompt_tokens`) gives `prefill_base_s` and `prefill_s_per_token`, which
+  `times` prefers to the median.
+- dispatch (`dispatch_s`): the median `queue_s` of warm requests, those received while a
+  ready worker of their model was up (between its `worker.ready` and its
+  `worker.stop_requested`): the gateway -> JetStream -> worker pull a simulated request does
+  not wait for. `times` adds it, and the caller's `client_overhead_s` (what a client sees
+  beyond the gateway's TTFT; the events cannot tell it), to the prefill.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,30 +43,58 @@ from typing import Any
 from hydraserve.sim.cluster import Cluster, ServingTimes
 from libs.common.messages import Event
 
+# first tokens of one worker this close together came out of one prefill step
+_SAME_STEP_S = 0.01
+
 
 @dataclass(frozen=True)
 class ModelCalibration:
     prefill_s: float | None = None
     tpot_s: float | None = None
+    # prefill = base + per_token x the prompt tokens prefilled in one step; None: too few
+    # distinct step sizes to fit
+    prefill_base_s: float | None = None
+    prefill_s_per_token: float | None = None
 
 
 @dataclass(frozen=True)
 class Calibration:
+    # the policy's start-up: the span beyond the worker's own fetch
     startup_s: float | None = None
     fetch_bytes_per_s: float | None = None
     models: Mapping[str, ModelCalibration] = field(default_factory=dict)
+    # the simulator's start-up alongside the fetch: placement -> the worker takes its bytes
+    worker_init_s: float | None = None
+    # after both the fetch and the start-up: placement's last step to ready
+    ready_tail_s: float | None = None
+    # a warm request's gateway -> worker pull
+    dispatch_s: float | None = None
+    # a client's TTFT beyond the gateway's (HTTP, SSE); not in the events, the caller's
+    client_overhead_s: float | None = None
 
     def apply(self, cluster: Cluster) -> Cluster:
-        """The cluster with the measured start-up constant (bandwidths are configured)."""
-        return cluster if self.startup_s is None else replace(cluster, startup_s=self.startup_s)
+        """The cluster with the measured start-up (bandwidths are configured): the
+        overlapped start-up and tail where measured, else the policy's start-up."""
+        startup_s = self.worker_init_s if self.worker_init_s is not None else self.startup_s
+        if startup_s is not None:
+            cluster = replace(cluster, startup_s=startup_s)
+        if self.ready_tail_s is not None:
+            cluster = replace(cluster, ready_tail_s=self.ready_tail_s)
+        return cluster
 
     def times(self, model: str, default: ServingTimes) -> ServingTimes:
-        """The model's measured times (a prefill of the prompts measured), else `default`."""
+        """The model's measured times (a prefill of the prompts measured), else `default`;
+        the prefill includes the dispatch and the client's overhead where known."""
         measured = self.models.get(model, ModelCalibration())
+        overhead_s = (self.dispatch_s or 0.0) + (self.client_overhead_s or 0.0)
+        tpot_s = default.tpot_s if measured.tpot_s is None else measured.tpot_s
+        if measured.prefill_base_s is not None and measured.prefill_s_per_token is not None:
+            return ServingTimes(tpot_s=tpot_s, prefill_base_s=overhead_s + measured.prefill_base_s,
+                                prefill_s_per_token=measured.prefill_s_per_token)
         return ServingTimes(
-            tpot_s=default.tpot_s if measured.tpot_s is None else measured.tpot_s,
-            prefill_base_s=(default.prefill_base_s if measured.prefill_s is None
-                            else measured.prefill_s),
+            tpot_s=tpot_s,
+            prefill_base_s=overhead_s + (default.prefill_base_s if measured.prefill_s is None
+                                         else measured.prefill_s),
             prefill_s_per_token=(default.prefill_s_per_token if measured.prefill_s is None
                                  else 0.0))
 
@@ -65,6 +113,10 @@ def calibrate(events: Sequence[Event]) -> Calibration:
             fetch_s[event.worker_id] = (float(data["fetch_s"]), event.time)
     startups = [s for e in events if e.kind == "worker.ready"
                 if (s := _startup_s(e, fetch_s)) is not None]
+    placed_at = {e.worker_id: e.time for e in events
+                 if e.kind == "worker.placed" and e.worker_id is not None}
+    overlapped = [o for e in events if e.kind == "worker.ready"
+                  if (o := _overlapped_startup(e, placed_at, fetch_s)) is not None]
     prefills: dict[str, list[float]] = {}
     tpots: dict[str, list[float]] = {}
     for event in events:
@@ -74,10 +126,108 @@ def calibrate(events: Sequence[Event]) -> Calibration:
                 prefills.setdefault(event.model, []).append(prefill_s)
             if tpot_s is not None:
                 tpots.setdefault(event.model, []).append(tpot_s)
-    models = {m: ModelCalibration(prefill_s=_median(prefills.get(m)), tpot_s=_median(tpots.get(m)))
+    fits = _prefill_fits(events)
+    models = {m: ModelCalibration(prefill_s=_median(prefills.get(m)), tpot_s=_median(tpots.get(m)),
+                                  prefill_base_s=fits[m][0] if m in fits else None,
+                                  prefill_s_per_token=fits[m][1] if m in fits else None)
               for m in sorted(prefills.keys() | tpots.keys())}
     return Calibration(startup_s=_median(startups), fetch_bytes_per_s=_median(bandwidths),
-                       models=models)
+                       models=models, worker_init_s=_median([o[0] for o in overlapped]),
+                       ready_tail_s=_median([o[1] for o in overlapped]),
+                       dispatch_s=_median(_warm_queue_s(events)))
+
+
+def _overlapped_startup(event: Event, placed_at: Mapping[str, float],
+                        fetch_s: Mapping[str, tuple[float, float]]
+                        ) -> tuple[float, float] | None:
+    """(placement -> load start, the rest after both it and the fetch) of a worker whose
+    fetch overlapped its process; None for any other."""
+    phases = event.data.get("phases")
+    if not isinstance(phases, dict) or event.worker_id not in placed_at:
+        return None
+    started, load_started, ready = (phases.get(k) for k in (
+        "process_started_at", "load_started_at", "ready_at"))
+    fetch = fetch_s.get(event.worker_id or "")
+    if not all(_is_number(t) for t in (started, load_started, ready)) or fetch is None \
+            or fetch[1] <= float(started):
+        return None
+    init_s = float(load_started) - placed_at[event.worker_id or ""]
+    tail_s = float(ready) - max(float(load_started), fetch[1])
+    return max(0.0, init_s), max(0.0, tail_s)
+
+
+def _prefill_fits(events: Sequence[Event]) -> dict[str, tuple[float, float]]:
+    """Model -> (base, per token) of a Theil-Sen line through its prefill steps.
+
+    A step is the requests whose `request.first_token` came from one worker within
+    `_SAME_STEP_S` of each other; its tokens are their `usage.prompt_tokens`, its time the
+    longest `ttft_s − queue_s` among them. A model needs steps of two sizes or more; a
+    negative slope is taken as flat."""
+    done = {e.request_id: e.data for e in events if e.kind == "request.done" and e.request_id}
+    firsts: dict[tuple[str, str], list[Event]] = {}
+    for event in sorted(events, key=lambda e: e.time):
+        if (event.kind == "request.first_token" and event.model and event.worker_id
+                and event.request_id in done):
+            firsts.setdefault((event.model, event.worker_id), []).append(event)
+    steps: dict[str, list[tuple[float, float]]] = {}  # model -> (tokens, seconds)
+    for (model, _), group in firsts.items():
+        step: list[Event] = []
+        for event in [*group, None]:
+            if step and (event is None or event.time - step[-1].time > _SAME_STEP_S):
+                point = _step_point([done[e.request_id or ""] for e in step])
+                if point is not None:
+                    steps.setdefault(model, []).append(point)
+                step = []
+            if event is not None:
+                step.append(event)
+    fits = {}
+    for model, points in steps.items():
+        # Theil-Sen: the median of the pairwise slopes, robust to the few steps a busy CPU
+        # slowed down (least squares let them set the line)
+        slopes = [(y2 - y1) / (x2 - x1) for (x1, y1), (x2, y2) in itertools.combinations(
+            points, 2) if x1 != x2]
+        if not slopes:
+            continue
+        slope = max(0.0, statistics.median(slopes))
+        fits[model] = (max(0.0, statistics.median(y - slope * x for x, y in points)), slope)
+    return fits
+
+
+def _step_point(requests: list[Mapping[str, Any]]) -> tuple[float, float] | None:
+    tokens, seconds = 0, []
+    for data in requests:
+        usage = data.get("usage")
+        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        prefill_s, _ = _request_times(data)
+        if not isinstance(prompt_tokens, int) or prefill_s is None:
+            return None
+        tokens += prompt_tokens
+        seconds.append(prefill_s)
+    return float(tokens), max(seconds)
+
+
+def _warm_queue_s(events: Sequence[Event]) -> list[float]:
+    """`queue_s` of the requests received while a ready worker of their model was up."""
+    ready: dict[str, tuple[str, float]] = {}  # worker id -> (model, ready time)
+    stopped: dict[str, float] = {}
+    received: dict[str, tuple[str, float]] = {}  # request id -> (model, time)
+    for event in events:
+        if event.kind == "worker.ready" and event.worker_id and event.model:
+            ready.setdefault(event.worker_id, (event.model, event.time))
+        elif event.kind == "worker.stop_requested" and event.worker_id:
+            stopped.setdefault(event.worker_id, event.time)
+        elif event.kind == "request.received" and event.request_id and event.model:
+            received.setdefault(event.request_id, (event.model, event.time))
+    queue_s = []
+    for event in events:
+        if event.kind != "request.done" or event.request_id not in received:
+            continue
+        model, at = received[event.request_id or ""]
+        is_warm = any(m == model and t <= at < stopped.get(w, math.inf)
+                      for w, (m, t) in ready.items())
+        if is_warm and _is_number(event.data.get("queue_s")):
+            queue_s.append(float(event.data["queue_s"]))
+    return queue_s
 
 
 def _startup_s(event: Event, fetch_s: Mapping[str, tuple[float, float]]) -> float | None:

@@ -75,6 +75,9 @@ class Cluster:
     # overlapped one only the last `load_tail_bytes` after the fetch ends
     load_bytes_per_s: float = float("inf")
     load_tail_bytes: int = 256 * 1024 * 1024
+    # a fixed last step of every placement once the fetch, start-up and load are done (the
+    # ready report; a live worker's measured tail, `Calibration.ready_tail_s`)
+    ready_tail_s: float = 0.0
     # a partition restored from the node's host-memory cache comes at this speed, NIC unused
     host_cache_bytes_per_s: float = 10 * GB
     # one stage-to-stage activation transfer per decode step (CostModel's default)
@@ -129,7 +132,10 @@ _SIZE_IN_NAME = re.compile(r"(?<![0-9a-z])(\d+)b(?![a-z])", re.IGNORECASE)
 
 
 def size_class_of(model: str, classes: Mapping[str, SizeClass] = SIZE_CLASSES) -> SizeClass:
-    """The size class a model's name says (`chatbot-13b-07` -> 13b); 7b when it says none."""
+    """A class named exactly like the model (a real model, measured); else the size class the
+    name says (`chatbot-13b-07` -> 13b); 7b when it says none."""
+    if model in classes:
+        return classes[model]
     match = _SIZE_IN_NAME.search(model)
     name = f"{match.group(1)}b" if match else "7b"
     if name not in classes:

@@ -47,6 +47,7 @@ from services.scheduler.events import (
     WorkerReady,
     WorkerStopped,
 )
+from services.scheduler.eviction import reclaimable_bytes
 from services.scheduler.policy import POLICIES, Policy
 from services.scheduler.state import ClusterState
 
@@ -56,6 +57,9 @@ class SimConfig:
     tick_s: float = 1.0
     # requests one endpoint serves at once (batching slows none of them down)
     max_batch: int = 8
+    # requests an endpoint takes at one instant share one prefill of all their prompt tokens
+    # (the live engine's prefill step); False: each is prefilled as if alone
+    batch_prefill: bool = False
     keep_alive_s: float = 60.0
     # StopWorker -> WorkerStopped
     stop_delay_s: float = 0.1
@@ -134,7 +138,8 @@ class Simulator:
         self._net_generation = 0
         self._workers: dict[int, SimWorker] = {}
         self._num_arrivals_left = len(self._requests)
-        self.serving = Serving(self, max_batch=config.max_batch)
+        self.serving = Serving(self, max_batch=config.max_batch,
+                               batch_prefill=config.batch_prefill)
 
     # --- the event loop ------------------------------------------------------------------
 
@@ -188,7 +193,8 @@ class Simulator:
         """No live endpoint's keep-alive has run out, and no model waiting for a cold start
         fits on any node: every placer needs one node with room for a whole-model worker
         (stage 0 is full size), so the Tick's retry of deferred placements places nothing.
-        (Nodes never time out in the simulator.)"""
+        With eviction, room counts what stopping workers and idle endpoints hold too, so it
+        stops nothing either. (Nodes never time out in the simulator.)"""
         state = self.state
         busy = {r.model for r in state.requests.values()}
         live = set()
@@ -200,8 +206,10 @@ class Simulator:
                     >= self._models[endpoint.model].keep_alive_s):
                 return False
         waiting = {r.model for r in state.requests.values() if r.worker_id is None} - live
-        most_free = max((n.free_gpu_memory_bytes for n in state.nodes.values() if n.is_up),
-                        default=0)
+        # with eviction a cold start can also use what stopping workers and idle endpoints hold
+        reclaimable = reclaimable_bytes(state) if waiting and self.policy.evict_idle else {}
+        most_free = max((n.free_gpu_memory_bytes + reclaimable.get(n.node_id, 0)
+                         for n in state.nodes.values() if n.is_up), default=0)
         return all(worker_gpu_bytes(size_bytes=self._models[m].size_bytes,
                                     kv_cache_bytes=self._models[m].kv_cache_bytes, degree=1,
                                     is_full_size=True) > most_free for m in waiting)
@@ -304,6 +312,7 @@ class Simulator:
             ready_at = max(self.now, worker.placed_at + startup_s) + tail_s
         else:
             ready_at = self.now + startup_s + worker.fetch_bytes / self.cluster.load_bytes_per_s
+        ready_at += self.cluster.ready_tail_s
         self.at(ready_at, self._on_ready, worker)
 
     def _keep(self, worker: SimWorker, key: str, num_bytes: int) -> None:

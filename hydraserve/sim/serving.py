@@ -1,11 +1,13 @@
 """Serving in the simulation: queues per model, endpoints taking requests, token timings.
 
 An endpoint the policy marks READY takes its model's queued requests, oldest first, up to
-`max_batch` at once; batching slows nothing down. A request's first token comes a prefill
-after it is taken; then a token every `tpot`. While the endpoint is a degree-p pipeline both
-are scaled by DESIGN.md's factor p − a + a/p (a = 1 full-size worker) and decoding pays a
-per-hop cost per stage boundary; after consolidation the remaining tokens go at the whole
-worker's tpot.
+`max_batch` at once; batching slows nothing down, except that with `batch_prefill` the
+requests taken at one instant share one prefill of all their prompt tokens (the worker's
+engine prefills every waiting request in one step; docs/SIM_VS_LIVE.md). A request's first
+token comes a prefill after it is taken; then a token every `tpot`. While the endpoint is a
+degree-p pipeline both are scaled by DESIGN.md's factor p − a + a/p (a = 1 full-size worker)
+and decoding pays a per-hop cost per stage boundary; after consolidation the remaining
+tokens go at the whole worker's tpot.
 """
 
 from __future__ import annotations
@@ -99,9 +101,10 @@ class Endpoint:
 
 
 class Serving:
-    def __init__(self, sim: Simulator, *, max_batch: int) -> None:
+    def __init__(self, sim: Simulator, *, max_batch: int, batch_prefill: bool = False) -> None:
         self._sim = sim
         self._max_batch = max_batch
+        self._batch_prefill = batch_prefill
         self.endpoints: dict[int, Endpoint] = {}
         # model -> queued (arrival, request id), oldest first
         self._queues: dict[str, list[tuple[float, str]]] = defaultdict(list)
@@ -133,15 +136,22 @@ class Serving:
             policy_view = state.get(endpoint.endpoint_id)
             if policy_view is None or policy_view.state is not EndpointStatus.READY:
                 continue
-            while queue and len(endpoint.active) < self._max_batch:
+            taken = []
+            while queue and len(endpoint.active) + len(taken) < self._max_batch:
                 _, request_id = queue.pop(0)
-                self._start(endpoint, self._by_id[request_id])
+                taken.append(self._by_id[request_id])
+            # taken together, they are prefilled in one step of all their prompt tokens
+            batch_tokens = sum(r.prompt_tokens for r in taken) if self._batch_prefill else None
+            for request in taken:
+                self._start(endpoint, request, prefill_tokens=batch_tokens)
 
-    def _start(self, endpoint: Endpoint, request: WorkloadRequest) -> None:
+    def _start(self, endpoint: Endpoint, request: WorkloadRequest, *,
+               prefill_tokens: int | None = None) -> None:
         sim = self._sim
         now = sim.now
         times, factor = endpoint.pace()
-        first_token_at = now + times.prefill_s(request.prompt_tokens) * factor
+        tokens = request.prompt_tokens if prefill_tokens is None else prefill_tokens
+        first_token_at = now + times.prefill_s(tokens) * factor
         head = endpoint.head()
         active = _Active(request, head.worker_id, now, first_token_at,
                          decode_from=first_token_at, tokens_left=request.output_tokens - 1,

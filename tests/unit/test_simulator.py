@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hydraserve.sim.calibration import calibrate
 from hydraserve.sim.cluster import GB, Cluster, Server, ServingTimes, SizeClass, StorageNode
-from hydraserve.sim.engine import SimConfig, SimResult, simulate
+from hydraserve.sim.engine import SimConfig, SimResult, Simulator, sim_policy, simulate
 from hydraserve.sim.network import Network
+from hydraserve.sim.scenario import popularity_weights, published_workload
 from hydraserve.sim.summary import summarize_run
 from hydraserve.workload.records import WorkloadRequest
 from libs.common.messages import Event
@@ -115,6 +118,33 @@ def test_a_hydraserve_pipeline_consolidates_and_then_decodes_at_the_whole_worker
     assert warm.tpot_s == pytest.approx(0.1)
     partial = next(w for w in result.workers if w.stage == 1)
     assert partial.end_s == pytest.approx(2.1)  # stopped on consolidation
+
+
+def test_a_cold_start_with_no_room_evicts_the_idle_worker_instead_of_waiting_for_keep_alive(
+) -> None:
+    # one GPU holds one 2 GB worker; m0's is idle from 3.5 s (first token 2.5 s + 10 x 0.1 s)
+    requests = [request("r1", 0.0, model="m0-2b"), request("r2", 10.0, model="m1-2b")]
+    one_worker = cluster(gpu_gb=3)
+    evicting = run(requests, "single_worker", cluster_=one_worker)
+    waiting = Simulator(requests, policy=replace(sim_policy("single_worker"), evict_idle=False),
+                        cluster=one_worker, config=SimConfig(), size_classes=CLASSES).run()
+
+    # stopped at once, placed 0.1 s later: 0.1 + the 2.5 s cold start
+    assert [r.ttft_s for r in evicting.results] == pytest.approx([2.5, 2.6])
+    assert evicting.workers[0].end_s == pytest.approx(10.1)
+    # keep-alive runs out on the tick at 64 s (3.5 + 60 rounded up): placed at 64.1 s
+    assert [r.ttft_s for r in waiting[0]] == pytest.approx([2.5, 64.1 + 2.5 - 10.0])
+
+
+def test_the_equal_popularity_workload_is_unchanged_and_zipf_ranks_models_at_random() -> None:
+    equal = published_workload(rate=0.7, cv=2.0, duration_s=600.0, seed=3)
+    also_equal = published_workload(rate=0.7, cv=2.0, duration_s=600.0, seed=3, zipf_s=0.0)
+    weights = popularity_weights(6, zipf_s=1.0, seed=3)
+
+    assert equal == also_equal
+    assert sorted(weights, reverse=True) == [1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6]
+    assert weights != sorted(weights, reverse=True)
+    assert popularity_weights(6, zipf_s=0.0, seed=3) == [1.0] * 6
 
 
 def test_the_host_cache_makes_the_second_cold_start_fetch_from_memory() -> None:
