@@ -161,6 +161,8 @@ class Cluster:
         keep_alive = self.args.keep_alive
         if mode == "hydraserve":
             policy += ["--degree", str(self.args.degree)]
+            if not self.args.consolidate:
+                policy += ["--no-consolidate"]
             # long enough for the consolidation fetch (the rest of the model over one NIC),
             # or the idle endpoint scales to zero before the warm request can be measured
             keep_alive = max(keep_alive, self.args.fetch_s + 5)
@@ -320,7 +322,7 @@ async def run_mode(cluster: Cluster, log: EventLog, mode: str, args: argparse.Na
         for attempt in range(args.cold):
             request, sent_at = await stream(cluster.api, cluster.model, args.max_tokens)
             events = log.since(sent_at)
-            if mode == "hydraserve" and args.degree > 1:
+            if mode == "hydraserve" and args.degree > 1 and args.consolidate:
                 await log.wait_for(sent_at, EventKind.WORKER_CONSOLIDATED)
                 # the released stages' processes exit first (they share the 2 cores)
                 await log.wait_for(sent_at, EventKind.WORKER_STOPPED, count=args.degree - 1,
@@ -438,6 +440,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-consolidate", dest="consolidate", action="store_false",
+                        help="hydraserve's pipeline is not consolidated (its TPOT alone)")
     parser.add_argument("--worker-threads", type=int,
                         help="CPU threads per worker (default: cores / 4 nodes, at least 1)")
     parser.add_argument("--size", default="100m", choices=["tiny", "small", "100m"],

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--degree", type=int, choices=[1, 2, 3, 4],
                         help="with --policy hydraserve: always this pipeline degree instead of "
                              "the SLO-aware choice (experiments and benchmarks)")
+    parser.add_argument("--no-consolidate", dest="consolidate", action="store_false",
+                        help="with --policy hydraserve: pipelines stay pipelines (an "
+                             "experiment knob: the pipeline's steady state, alone)")
     parser.add_argument("--register-model", action="append", default=[], metavar="NAME",
                         help="register (or update) a model imported into the store")
     parser.add_argument("--keep-alive", type=float, default=60.0,
@@ -86,6 +89,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         policy = dataclasses.replace(
             policy, placer=functools.partial(place_fixed_degree, degree=args.degree))
+    if not args.consolidate:
+        policy = dataclasses.replace(policy, consolidate=False)
     service = SchedulerService(build_config(args, settings), nats=nats_settings,
                                bus=settings.bus, policy=policy)
     return await service.run(stop)
