@@ -25,6 +25,7 @@ from services.scheduler.events import (
 from services.scheduler.eviction import idle_endpoints, reclaimable_bytes
 from services.scheduler.policy import HYDRASERVE, SINGLE_WORKER, Policy
 from services.scheduler.state import ClusterState, ModelSpec, NodeState
+from tests.policy_timeline import run_balanced
 
 pytestmark = pytest.mark.unit
 
@@ -67,14 +68,7 @@ def place(worker_id: int, node_id: str, model: ModelSpec) -> PlaceWorker:
 
 def run(state: ClusterState, timeline: Sequence[tuple[float, Event]], *,
         policy: Policy = SINGLE_WORKER) -> tuple[ClusterState, list[Command]]:
-    commands: list[Command] = []
-    for now, event in timeline:
-        state, new_commands = policy.decide(state, event, now)
-        for node in state.nodes.values():
-            used = sum(w.gpu_memory_bytes for w in state.workers_on(node.node_id))
-            assert node.free_gpu_memory_bytes == node.gpu_memory_bytes - used, node
-        commands += new_commands
-    return state, commands
+    return run_balanced(policy, state, timeline)
 
 
 def served(model: ModelSpec, worker_id: int, *, at: float) -> list[tuple[float, Event]]:

@@ -28,6 +28,7 @@ from services.scheduler.events import (
 from services.scheduler.events import Event as PolicyEvent
 from services.scheduler.policy import HYDRASERVE, POLICIES, SERVERLESS_VLLM, SINGLE_WORKER, Policy
 from services.scheduler.state import ClusterState, Fetch, ModelSpec, ModelTimings, NodeState
+from tests.policy_timeline import run_balanced
 
 pytestmark = pytest.mark.unit
 
@@ -67,15 +68,7 @@ def place(worker_id: int, node_id: str, *, degree: int, stage: int, layers: tupl
 
 def run(policy: Policy, state: ClusterState, timeline: Sequence[tuple[float, PolicyEvent]]
         ) -> tuple[ClusterState, list[Command]]:
-    """Feed events in order; every intermediate state must keep its memory books balanced."""
-    commands: list[Command] = []
-    for now, event in timeline:
-        state, new_commands = policy.decide(state, event, now)
-        for node in state.nodes.values():
-            used = sum(w.gpu_memory_bytes for w in state.workers_on(node.node_id))
-            assert node.free_gpu_memory_bytes == node.gpu_memory_bytes - used, node
-        commands += new_commands
-    return state, commands
+    return run_balanced(policy, state, timeline)
 
 
 # four idle 16 Gbps nodes; c has the most free memory, d too little for a full copy
