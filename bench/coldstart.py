@@ -17,9 +17,11 @@ Reported: client-side TTFT per cold request and the mean of the best `--best` (d
 3), the phase breakdown of the best cold start (from the events), ratios to
 `serverless_vllm`, the floor size / (degree x NIC) + first-token time (a warm request's
 TTFT), and TPOT of the pipeline, of the consolidated worker and of a single worker.
-Every worker runs with cores / 4 threads (at least 1; `--worker-threads`), the emulated
-node's share of this machine, as `hydraserve up` does: a thread pool larger than the CPU time
-it gets stalls at every op's barrier and would slow whichever mode has more processes.
+Node agents fork workers from a zygote with their imports done (`--launcher forkserver`, the
+same for every mode; `--launcher local` spawns them). Every worker runs with cores / 4
+threads (at least 1; `--worker-threads`), the emulated node's share of this machine, as
+`hydraserve up` does: a thread pool larger than the CPU time it gets stalls at every op's
+barrier and would slow whichever mode has more processes.
 Run: `python bench/coldstart.py [--quick]`; writes bench/out/coldstart.json.
 """
 
@@ -152,7 +154,7 @@ class Cluster:
                 "--nic-gbps", f"{nic_gbps:.6f}", "--storage-url", self.storage_url,
                 "--nats", self.nats_url, "--work-dir", str(self.work / "nodes" / node),
                 "--heartbeat-interval", "1", "--worker-arg=--capacity=4",
-                f"--worker-arg=--threads={threads}",
+                f"--worker-arg=--threads={threads}", "--launcher", self.args.launcher,
             ], {})
 
     async def start_scheduler(self, mode: str) -> None:
@@ -440,6 +442,9 @@ async def run(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launcher", choices=["local", "forkserver"], default="forkserver",
+                        help="how node agents start workers, the same for every mode "
+                             "(default forkserver: forked with torch imported)")
     parser.add_argument("--no-consolidate", dest="consolidate", action="store_false",
                         help="hydraserve's pipeline is not consolidated (its TPOT alone)")
     parser.add_argument("--worker-threads", type=int,

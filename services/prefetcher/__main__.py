@@ -1,6 +1,7 @@
 """`python -m services.prefetcher --node-id N --gpu-memory-gb G --nic-gbps B --storage-url URL
-[--nats URL] [--work-dir DIR] [--launcher local|kubernetes [--k8s-...]]`: the node agent of one
-(possibly emulated) GPU node. Workers are local processes, or pods (`--launcher kubernetes`,
+[--nats URL] [--work-dir DIR] [--launcher local|forkserver|kubernetes [--k8s-...]]`: the node
+agent of one (possibly emulated) GPU node. Workers are local processes, processes forked from a
+zygote with their imports done (`--launcher forkserver`), or pods (`--launcher kubernetes`,
 the agent itself in a pod; see docs/KUBERNETES.md).
 
 Runs until SIGTERM/SIGINT, then stops its workers. Exit codes: 0 after a clean shutdown, 2 if
@@ -48,8 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-gb", type=float, default=0.0,
                         help="host-memory model cache: keep fetched partitions up to this "
                              "many GB after their workers stop (0: off)")
-    parser.add_argument("--launcher", choices=["local", "kubernetes"], default="local",
-                        help="workers as processes here, or as pods on this node")
+    parser.add_argument("--launcher", choices=["local", "forkserver", "kubernetes"],
+                        default="local",
+                        help="workers as processes here; forked here from a process with "
+                             "their imports (torch) done; or as pods on this node")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics on this port (default 0: off)")
     k8s = parser.add_argument_group("--launcher kubernetes")
@@ -79,6 +82,10 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
 def build_launcher(args: argparse.Namespace, config: NodeConfig) -> Launcher:
     if args.launcher == "local":
         return LocalLauncher()
+    if args.launcher == "forkserver":
+        from services.prefetcher.forkserver import ForkServerLauncher
+
+        return ForkServerLauncher(log_path=config.agent.work_dir / "logs" / "zygote.log")
     # imported here only: the kubernetes client stays out of every other process
     from services.prefetcher.k8s_launcher import KubernetesLauncher, PodTemplate
 
@@ -97,6 +104,10 @@ async def serve(config: NodeConfig, settings: Settings, launcher: Launcher) -> i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nats_settings = settings.nats.model_copy(update={"url": config.agent.nats_url})
+    if (start := getattr(launcher, "start", None)) is not None:
+        # a fork server imports the worker's modules while the node is still idle
+        starting = asyncio.create_task(start())
+        starting.add_done_callback(lambda task: task.cancelled() or task.exception())
     return await NodeAgentService(config, nats=nats_settings, bus=settings.bus,
                                   launcher=launcher).run(stop)
 

@@ -147,7 +147,7 @@ def cluster(*, nats_url: str, database_url: str, model_dir: Path, workspace: Pat
             name: str, node_names: Sequence[str] = ("node-a", "node-b"),
             scheduler_args: Sequence[str] = (), nic_gbps: float = 8.0,
             gpu_memory_gb: float = 16.0, worker_args: Sequence[str] = ("--capacity=2",),
-            cache_gb: float = 0.0,
+            cache_gb: float = 0.0, agent_args: Sequence[str] = (),
             event_timeout_s: float = EVENT_TIMEOUT_S) -> Iterator[ColdStack]:
     """Start the cluster with `model_dir` imported as `<name>-<random>`; stop it after."""
     logs = workspace / "logs"
@@ -179,7 +179,7 @@ def cluster(*, nats_url: str, database_url: str, model_dir: Path, workspace: Pat
                 "--gpu-memory-gb", str(gpu_memory_gb), "--nic-gbps", str(nic_gbps),
                 "--storage-url", storage_url, "--nats", nats_url, "--work-dir", str(work_dir),
                 "--heartbeat-interval", "1", "--cache-gb", str(cache_gb),
-                *(f"--worker-arg={a}" for a in worker_args)],
+                *(f"--worker-arg={a}" for a in worker_args), *agent_args],
                 logs / f"agent-{node_id}.log"))
         gateway = spawn([sys.executable, "-m", "services.gateway"], logs / "gateway.log", env={
             "HYDRASERVE_NATS__URL": nats_url,
