@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-consolidate", dest="consolidate", action="store_false",
                         help="with --policy hydraserve: pipelines stay pipelines (an "
                              "experiment knob: the pipeline's steady state, alone)")
+    parser.add_argument("--no-evict", dest="evict", action="store_false",
+                        help="a cold start with no GPU memory waits for idle endpoints' "
+                             "keep-alive instead of stopping them")
     parser.add_argument("--register-model", action="append", default=[], metavar="NAME",
                         help="register (or update) a model imported into the store")
     parser.add_argument("--keep-alive", type=float, default=60.0,
@@ -91,6 +94,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
             policy, placer=functools.partial(place_fixed_degree, degree=args.degree))
     if not args.consolidate:
         policy = dataclasses.replace(policy, consolidate=False)
+    if not args.evict:
+        policy = dataclasses.replace(policy, evict_idle=False)
     service = SchedulerService(build_config(args, settings), nats=nats_settings,
                                bus=settings.bus, policy=policy)
     return await service.run(stop)

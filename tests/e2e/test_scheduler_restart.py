@@ -11,7 +11,8 @@ restarts. Real storage, node agent, gateway and scheduler processes over real NA
    that the backlog read at start is what found all three.
 
 The single node has GPU memory for one worker of the demo model, so model B has to wait for
-model A's worker to scale to zero.
+model A's worker to scale to zero (`--no-evict`: otherwise B's cold start would stop the idle
+A at once, and nothing would wait in the scheduler's memory across the restart).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Stack:
             sys.executable, "-m", "services.scheduler", "--nats", self.nats_url,
             "--database-url", self.database_url, "--storage-url", self.storage_url,
             "--register-model", self.model_a, "--register-model", self.model_b,
-            "--keep-alive", str(KEEP_ALIVE_S), "--tick", "0.5",
+            "--keep-alive", str(KEEP_ALIVE_S), "--tick", "0.5", "--no-evict",
             "--consumer", self.consumer], log)
         asyncio.run(wait_for_consumer(self.nats_url, self.consumer, self.scheduler, log))
 
