@@ -57,12 +57,14 @@ def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngi
         watermark.close()
 
 
-def load_stage_runner(partition: Path, base: EngineConfig, model_config: ModelConfig, *,
-                      phases: dict[str, float] | None = None) -> ModelRunner:
+def load_stage_runner(partition: Path, base: EngineConfig, model_config: ModelConfig | None,
+                      *, phases: dict[str, float] | None = None) -> ModelRunner:
     """A runner for the layers of `partition` (from its manifest), with `base`'s engine
-    settings, loaded while the partition's bytes arrive."""
+    settings, loaded while the partition's bytes arrive. `model_config` None: read it from
+    `base.model_path` once the watermark says the model folder is there."""
     import dataclasses
 
+    from services.worker.engine.config import ModelConfig
     from services.worker.engine.loader import SafetensorsReader
     from services.worker.engine.model_runner import ModelRunner
 
@@ -72,6 +74,8 @@ def load_stage_runner(partition: Path, base: EngineConfig, model_config: ModelCo
         watermark.wait_for(1, WATERMARK_TIMEOUT_S)
         phases["partition_mapped_at"] = time.time()
         start_layer, end_layer = stage_layers(partition_model_dir(partition))
+        if model_config is None:  # the folder is complete by the first byte (module doc)
+            model_config = ModelConfig.from_model_dir(base.model_path)
         runner = ModelRunner(dataclasses.replace(base, start_layer=start_layer,
                                                  end_layer=end_layer), model_config)
         phases["load_started_at"] = time.time()
@@ -84,10 +88,10 @@ def load_stage_runner(partition: Path, base: EngineConfig, model_config: ModelCo
 
 def load_worker_stage(config: WorkerConfig, partition: Path) -> ModelRunner:
     """The runner of a pipeline stage after the first (no engine, no tokenizer)."""
-    from services.worker.engine.config import EngineConfig, ModelConfig
+    from services.worker.engine.config import EngineConfig
 
     config.phases["engine_imported_at"] = time.time()
     base = EngineConfig(model_path=config.model_dir, max_num_seqs=config.worker.capacity,
                         **config.engine_options)
-    return load_stage_runner(partition, base, ModelConfig.from_model_dir(config.model_dir),
-                             phases=config.phases)
+    # the model folder may not exist yet: the node agent writes it as the fetch starts
+    return load_stage_runner(partition, base, None, phases=config.phases)
