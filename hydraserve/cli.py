@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-threads", type=int,
                     help="CPU threads per worker (default: the machine's cores / --nodes, at "
                          "least 1, so the emulated nodes do not oversubscribe the CPU)")
+    up.add_argument("--policy", choices=["hydraserve", "single_worker", "serverless_vllm"],
+                    default="hydraserve", help="the scheduler's cold-start policy "
+                                               "(default: hydraserve)")
+    up.add_argument("--launcher", choices=["local", "forkserver"], default="local",
+                    help="how node agents start workers: spawned, or forked from a process "
+                         "with their imports (torch) done, which takes the import out of "
+                         "every cold start (default: local)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000, help="the API's port (default: 8000)")
     up.add_argument("--keep-alive", type=float, default=60.0,

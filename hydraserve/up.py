@@ -107,6 +107,25 @@ def worker_threads(num_nodes: int) -> int:
     return max(1, (cores or 1) // max(1, num_nodes))
 
 
+def scheduler_argv(args: argparse.Namespace, *, nats_url: str, database_url: str,
+                   storage_url: str) -> list[str]:
+    return ["-m", "services.scheduler", "--nats", nats_url, "--database-url", database_url,
+            "--storage-url", storage_url, "--policy", args.policy]
+
+
+def node_agent_argv(args: argparse.Namespace, index: int, *, state: Path, nats_url: str,
+                    storage_url: str) -> list[str]:
+    """Emulated node `index`'s agent: its memory, NIC cap, work dir, launcher and workers'
+    threads (the cores split between the nodes unless --worker-threads)."""
+    node = f"node-{index}"
+    threads = args.worker_threads or worker_threads(args.nodes)
+    return ["-m", "services.prefetcher", "--node-id", node,
+            "--gpu-memory-gb", str(args.gpu_memory_gb), "--nic-gbps", str(args.nic_gbps),
+            "--storage-url", storage_url, "--nats", nats_url,
+            "--work-dir", str(state / "nodes" / node), "--launcher", args.launcher,
+            f"--worker-arg=--threads={threads}"]
+
+
 def _start_services(supervisor: Supervisor, args: argparse.Namespace, *, state: Path,
                     nats_url: str, database_url: str, admin_key: str) -> str:
     storage_url = f"http://127.0.0.1:{free_port('127.0.0.1')}"
@@ -123,18 +142,12 @@ def _start_services(supervisor: Supervisor, args: argparse.Namespace, *, state: 
     _wait_http(f"{api}/health", "gateway", supervisor)
     if args.demo:
         _register_demo(api, admin_key, state, keep_alive_s=args.keep_alive)
-    supervisor.start("scheduler", ["-m", "services.scheduler", "--nats", nats_url,
-                                   "--database-url", database_url,
-                                   "--storage-url", storage_url], env)
-    threads = args.worker_threads or worker_threads(args.nodes)
+    supervisor.start("scheduler", scheduler_argv(args, nats_url=nats_url,
+                                                 database_url=database_url,
+                                                 storage_url=storage_url), env)
     for i in range(args.nodes):
-        node = f"node-{i}"
-        supervisor.start(node, [
-            "-m", "services.prefetcher", "--node-id", node,
-            "--gpu-memory-gb", str(args.gpu_memory_gb), "--nic-gbps", str(args.nic_gbps),
-            "--storage-url", storage_url, "--nats", nats_url,
-            "--work-dir", str(state / "nodes" / node), f"--worker-arg=--threads={threads}",
-        ], env)
+        supervisor.start(f"node-{i}", node_agent_argv(args, i, state=state, nats_url=nats_url,
+                                                      storage_url=storage_url), env)
     _wait_for_nodes(api, admin_key, args.nodes, supervisor)
     return api
 

@@ -93,3 +93,31 @@ def test_the_worker_threads_flag_sets_torchs_pool_and_the_environment(
         assert os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(before)
+
+
+def test_up_passes_the_policy_launcher_and_threads_to_the_services(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hydraserve.cli import build_parser
+    from hydraserve.up import node_agent_argv, scheduler_argv
+    from services.scheduler.policy import DEFAULT_POLICY, POLICIES
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    args = build_parser().parse_args(["up", "--nodes", "2", "--policy", "single_worker",
+                                      "--launcher", "forkserver", "--nic-gbps", "8"])
+    assert scheduler_argv(args, nats_url="nats://n", database_url="pg://d",
+                          storage_url="http://s") == [
+        "-m", "services.scheduler", "--nats", "nats://n", "--database-url", "pg://d",
+        "--storage-url", "http://s", "--policy", "single_worker"]
+    assert node_agent_argv(args, 1, state=tmp_path, nats_url="nats://n",
+                           storage_url="http://s") == [
+        "-m", "services.prefetcher", "--node-id", "node-1", "--gpu-memory-gb", "16.0",
+        "--nic-gbps", "8.0", "--storage-url", "http://s", "--nats", "nats://n",
+        "--work-dir", str(tmp_path / "nodes" / "node-1"), "--launcher", "forkserver",
+        "--worker-arg=--threads=4"]
+    defaults = build_parser().parse_args(["up"])
+    assert (defaults.policy, defaults.launcher) == (DEFAULT_POLICY, "local")
+    # every policy the scheduler has, and only those
+    for name in POLICIES:
+        assert build_parser().parse_args(["up", "--policy", name]).policy == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--policy", "round_robin"])
