@@ -98,16 +98,21 @@ def build_launcher(args: argparse.Namespace, config: NodeConfig) -> Launcher:
     return KubernetesLauncher.in_cluster(template, pod_name=args.k8s_pod_name)
 
 
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("the worker launcher did not start: %r", exc)
+
+
 async def serve(config: NodeConfig, settings: Settings, launcher: Launcher) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nats_settings = settings.nats.model_copy(update={"url": config.agent.nats_url})
-    if (start := getattr(launcher, "start", None)) is not None:
-        # a fork server imports the worker's modules while the node is still idle
-        starting = asyncio.create_task(start())
-        starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+    # alongside the agent's start (a fork server imports the worker's modules meanwhile); a
+    # failure is logged here and raised again by the first launch
+    starting = asyncio.create_task(launcher.start())
+    starting.add_done_callback(_log_start_failure)
     return await NodeAgentService(config, nats=nats_settings, bus=settings.bus,
                                   launcher=launcher).run(stop)
 

@@ -62,6 +62,7 @@ class ForkServerLauncher:
         self._log_path = log_path
         self._cwd = cwd
         self._zygote: asyncio.subprocess.Process | None = None
+        # reads the zygote's replies for as long as it lives
         self._reader: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -107,13 +108,6 @@ class ForkServerLauncher:
         pid = await forked
         logger.info("forked worker %s as pid %d", spec.worker_id, pid)
         return ForkedWorker(pid, self._exit(pid))
-
-    async def close(self) -> None:
-        if self._zygote is not None and self._zygote.returncode is None:
-            self._zygote.kill()
-            await self._zygote.wait()
-        if self._reader is not None:
-            await self._reader
 
     def _exit(self, pid: int) -> asyncio.Future[int]:
         return self._exits.setdefault(pid, asyncio.get_running_loop().create_future())

@@ -247,6 +247,9 @@ class KubernetesLauncher:
             raise ValueError("--launcher kubernetes needs --k8s-image or --k8s-pod-name")
         return cls(template, api=api, poll_interval_s=poll_interval_s)
 
+    async def start(self) -> None:
+        """Nothing to prepare: each worker is a new pod."""
+
     async def launch(self, spec: WorkerSpec) -> WorkerPod:
         t = self.template
         pod = worker_pod(spec, namespace=t.namespace, image=t.image, node_name=t.node_name,

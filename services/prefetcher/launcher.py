@@ -42,6 +42,10 @@ class WorkerHandle(Protocol):
 
 
 class Launcher(Protocol):
+    async def start(self) -> None:
+        """Get ready to launch (the agent starts it alongside its own start-up)."""
+        ...
+
     async def launch(self, spec: WorkerSpec) -> WorkerHandle: ...
 
 
@@ -80,6 +84,9 @@ class LocalLauncher:
 
     def __init__(self, *, cwd: Path | None = None) -> None:
         self._cwd = cwd
+
+    async def start(self) -> None:
+        """Nothing to prepare: each worker is a new process."""
 
     async def launch(self, spec: WorkerSpec) -> WorkerHandle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
