@@ -51,12 +51,23 @@ def make_checkpoint(folder: Path) -> Path:
     return folder
 
 
+DEVICE = "cpu"
+DTYPE = "float32"
+
+
+def sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:
     best = float("inf")
     for _ in range(repeat):
         gc.collect()
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -67,14 +78,19 @@ import time, sys; t = time.perf_counter()
 sys.path.insert(0, {root!r})
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.model_runner import ModelRunner
-ModelRunner(EngineConfig(model_path={path!r}, max_num_seqs=16, max_model_len=1024)).load()
+import torch
+ModelRunner(EngineConfig(model_path={path!r}, max_num_seqs=16, max_model_len=1024,
+                         device={device!r}, dtype={dtype!r})).load()
+torch.cuda.synchronize() if {device!r}.startswith("cuda") else None
 print(time.perf_counter() - t)
 """
 HF_LOAD = """
 import time; t = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
-AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32).eval()
+AutoModelForCausalLM.from_pretrained({path!r}, dtype=getattr(torch, {dtype!r})
+                                     ).to({device!r}).eval()
+torch.cuda.synchronize() if {device!r}.startswith("cuda") else None
 print(time.perf_counter() - t)
 """
 
@@ -82,30 +98,35 @@ print(time.perf_counter() - t)
 def process_load(script: str, path: Path) -> float:
     """Wall time of a fresh interpreter that imports and loads, to ready."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), path=str(path))],
-                   check=True, capture_output=True)
+    code = script.format(root=str(ROOT), path=str(path), device=DEVICE, dtype=DTYPE)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - start
 
 
 def load_ours(path: Path, *, packed: bool = False) -> ModelRunner:
     """Ready to serve; with `packed`, also wait for the background weight packing."""
-    runner = ModelRunner(EngineConfig(model_path=path, max_num_seqs=16, max_model_len=1024))
+    runner = ModelRunner(EngineConfig(model_path=path, max_num_seqs=16, max_model_len=1024,
+                                      device=DEVICE, dtype=DTYPE))  # type: ignore[arg-type]
     runner.load()
     if packed:
         runner.wait_for_packing()
+    sync()
     return runner
 
 
 def load_hf(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPE))
+    model = model.to(DEVICE).eval()
+    sync()
+    return model
 
 
 # --- generation ---------------------------------------------------------------------------------
 def ours_engine(path: Path) -> LLMEngine:
     engine = LLMEngine.from_model_dir(path, with_tokenizer=False, max_num_seqs=16,
-                                      max_model_len=1024)
+                                      max_model_len=1024, device=DEVICE, dtype=DTYPE)
     engine.load()
     for runner in engine.runners:
         runner.wait_for_packing()
@@ -126,8 +147,9 @@ def hf_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: in
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             width = max(map(len, chunk))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=DEVICE)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                device=DEVICE)
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -159,7 +181,7 @@ def prefill_rates(runner: ModelRunner, hf: torch.nn.Module, prompts: list[list[i
 
     def theirs() -> None:
         with torch.inference_mode():
-            hf(torch.tensor(prompts), use_cache=True, logits_to_keep=1)
+            hf(torch.tensor(prompts, device=DEVICE), use_cache=True, logits_to_keep=1)
 
     ours_t, theirs_t = interleaved(ours, theirs, 3)
     return num_tokens / ours_t, num_tokens / theirs_t
@@ -170,7 +192,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "bench" / "out" / "llama-100m")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both systems run there)")
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype for both (default: float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "engine.json")
     args = parser.parse_args()
+    global DEVICE, DTYPE
+    DEVICE = args.device
+    DTYPE = args.dtype or ("bfloat16" if DEVICE.startswith("cuda") else "float32")
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     path = make_checkpoint(args.checkpoint)
@@ -184,8 +213,9 @@ def main() -> None:
     (path / "model.safetensors").read_bytes()  # both loads start from a warm page cache
     ours_load, hf_load = interleaved(lambda: load_ours(path), lambda: load_hf(path), 3)
     rows.append(("load to ready, in-process (s)", ours_load, hf_load, "lower"))
-    rows.append(("load, then weights packed for the CPU kernel (s)",
-                 timed(lambda: load_ours(path, packed=True), 3), hf_load, "lower"))
+    if DEVICE == "cpu":
+        rows.append(("load, then weights packed for the CPU kernel (s)",
+                     timed(lambda: load_ours(path, packed=True), 3), hf_load, "lower"))
     ours_proc, hf_proc = float("inf"), float("inf")
     for _ in range(2):
         ours_proc = min(ours_proc, process_load(OURS_LOAD, path))
@@ -219,16 +249,18 @@ def main() -> None:
     rows.append(("32 requests, mixed lengths, <=16 at once (useful tok/s)",
                  sum(lengths) / ours_t, sum(lengths) / hf_t, "higher"))
 
-    print(f"\nengine benchmark: Llama {num_params / 1e6:.0f}M params, fp32, "
-          f"{args.threads} threads, torch {torch.__version__}, {new} new tokens")
+    where = (torch.cuda.get_device_name() if DEVICE.startswith("cuda")
+             else f"{args.threads} threads")
+    print(f"\nengine benchmark: Llama {num_params / 1e6:.0f}M params, {DTYPE}, {DEVICE} "
+          f"({where}), torch {torch.__version__}, {new} new tokens")
     print(f"{'measure':58} {'ours':>10} {'HF':>10} {'ours/HF':>8}")
     results = []
     for name, ours, theirs, better in rows:
         ratio = ours / theirs
         print(f"{name:58} {ours:10.3f} {theirs:10.3f} {ratio:8.2f}  ({better} is better)")
         results.append({"measure": name, "ours": ours, "hf": theirs, "ratio": ratio})
-    out = ROOT / "bench" / "out" / "engine.json"
-    out.write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

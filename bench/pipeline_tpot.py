@@ -334,10 +334,13 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; choose from {sorted(CONFIGS)}")
 
-    from bench.coldstart import demo_model
     from libs.common.embedded.nats_server import EmbeddedNats
+    from services.worker.demo_model import write_demo_model
 
-    model_dir = demo_model(args.size)
+    # the models bench/coldstart.py writes (this bench needs none of its service imports)
+    model_dir = ROOT / "bench" / "out" / "models" / args.size
+    if not (model_dir / "config.json").exists():
+        write_demo_model(model_dir, size=args.size)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
         for name in configs:

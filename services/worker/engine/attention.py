@@ -59,6 +59,20 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return sum(self.query_lens)
 
+    @property
+    def is_fresh(self) -> bool:
+        """Every sequence starts at position 0 (nothing of it cached yet)."""
+        return not any(self.context_lens)
+
+    def padded_index(self) -> torch.Tensor | None:
+        """Prefill: where each packed token sits when every sequence is padded to the longest
+        ([num_seqs * longest] rows); None when all are equally long (no padding)."""
+        longest = max(self.query_lens)
+        if all(n == longest for n in self.query_lens):
+            return None
+        return torch.cat([torch.arange(i * longest, i * longest + n)
+                          for i, n in enumerate(self.query_lens)]).to(self.device)
+
     def score_mask(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
         """Decode: [num_seqs * kv_heads, group, kv_len], 0 where a key is visible, else -inf."""
         key = (num_kv_heads, group, dtype)
@@ -91,8 +105,43 @@ def cached_attention(
 ) -> torch.Tensor:
     """Store k, v in the cache and attend. q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
     if batch.is_prefill:
+        if batch.is_fresh and (q.device.type != "cpu" or len(set(batch.query_lens)) == 1):
+            return _fresh_prefill_attention(q, k, v, k_cache, v_cache, batch, scale)
         return _prefill_attention(q, k, v, k_cache, v_cache, batch, scale)
     return _decode_attention(q, k, v, k_cache, v_cache, batch, scale)
+
+
+def _fresh_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Sequences that all start at position 0, as one causal attention over [num_seqs, heads,
+    longest, head_dim]. Each sequence is padded at its end, so causal masking keeps the padding
+    out of every real token's view; the padded rows are dropped. One kernel per layer, where
+    the per-sequence loop launched dozens (on a GPU, launches were most of a prefill's time);
+    on the CPU it runs only when no padding is needed (padding is wasted arithmetic there).
+    Padded keys and values land in the cache past each sequence's end: finite numbers that
+    decode masks out and overwrites."""
+    num_seqs, longest = len(batch.query_lens), max(batch.query_lens)
+    index = batch.padded_index()
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [num_seqs, H, longest, D]
+        if index is not None:
+            x = x.new_zeros(num_seqs * longest, *x.shape[1:]).index_copy_(0, index, x)
+        return x.view(num_seqs, longest, *x.shape[1:]).transpose(1, 2)
+
+    pq, pk, pv = padded(q), padded(k), padded(v)
+    k_cache[batch.slot_tensor, :, :, :longest] = pk.transpose(-1, -2)
+    v_cache[batch.slot_tensor, :, :longest] = pv
+    out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=scale,
+                                         enable_gqa=pq.shape[1] != pk.shape[1])
+    out = out.transpose(1, 2).reshape(num_seqs * longest, -1)
+    return out if index is None else out.index_select(0, index)
 
 
 def _prefill_attention(

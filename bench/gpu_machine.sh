@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The checks and benchmarks that need a lent GPU machine, in one command (device time is scarce).
+#
+# The machine has python3 with torch (CUDA), transformers, safetensors, tokenizers and pytest;
+# what else the pipeline bench needs (nats-py, the NATS server, pydantic) travels as wheels in
+# .whl/ (see docs/BENCHMARKS.md, "On a GPU machine"). Output goes to $OUT (or bench/out/gpu).
+#
+#   bash bench/gpu_machine.sh [tests] [engine] [pipeline] [profile]  (default: the first three)
+set -uo pipefail
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+    chmod +x /tmp/site/bin/* 2>/dev/null
+fi
+steps=${*:-tests engine pipeline}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'cores', __import__('os').cpu_count())"
+
+for step in $steps; do
+    case $step in
+    tests)
+        python3 -m pytest tests/gpu -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_tests.log" \
+            | grep -E "passed|failed|error|PASSED|FAILED|ERROR" | tail -40 ;;
+    engine)
+        python3 bench/engine.py --device cuda --out "$OUT/engine_cuda.json" 2>&1 \
+            | tee "$OUT/engine_cuda.log" | tail -12 ;;
+    pipeline)
+        # a core per emulated node: each stage process pinned to its own core
+        python3 bench/pipeline_tpot.py --hops --repeats 5 \
+            --configs whole-pinned,pipe4-pinned,pipe2,whole,whole-1t,pipe4-1t,pipe4-inproc \
+            --out "$OUT/pipeline_tpot.json" 2>&1 | tee "$OUT/pipeline_tpot.log" | tail -22 ;;
+    profile)
+        python3 bench/gpu_profile.py 2>&1 | tee "$OUT/gpu_profile.log" | grep -E "^==" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
