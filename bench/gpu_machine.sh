@@ -30,9 +30,9 @@ for step in $steps; do
             | tee "$OUT/engine_cuda.log" | tail -12 ;;
     pipeline)
         # a core per emulated node: each stage process pinned to its own core
-        python3 bench/pipeline_tpot.py --hops --repeats 5 \
-            --configs whole-pinned,pipe4-pinned,pipe2,whole,whole-1t,pipe4-1t,pipe4-inproc \
-            --out "$OUT/pipeline_tpot.json" 2>&1 | tee "$OUT/pipeline_tpot.log" | tail -22 ;;
+        python3 bench/pipeline_tpot.py --hops --repeats 3 --rounds 3 \
+            --configs whole-pinned,pipe4-pinned,pipe4-pinned-nats,whole-1t,pipe4-1t,pipe4-1t-nats \
+            --out "$OUT/pipeline_tpot.json" 2>&1 | tee "$OUT/pipeline_tpot.log" | tail -20 ;;
     profile)
         python3 bench/gpu_profile.py 2>&1 | tee "$OUT/gpu_profile.log" | grep -E "^==" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -7,7 +7,9 @@ data plane (`PipeChannel`), driven by the real `PipelineDriver`, against the who
 `LLMEngine`, decoding the same greedy request. Each configuration runs in turn, in one run, and
 the bench prints the ratios.
 
-Configurations (`--configs`, comma-separated):
+Configurations (`--configs`, comma-separated); the pipelines send frames on direct sockets,
+and each as `<name>-nats` (`pipe4-nats`, `pipe4-pinned-nats`, ...) sends them all through the
+NATS server:
 - `whole`, `whole-1t`: the whole model in one process, with torch's default thread pool (one
   thread per core) / with one thread.
 - `pipe4`, `pipe2`: a degree-4 / degree-2 pipeline, every stage process with the default pool.
@@ -19,7 +21,8 @@ Configurations (`--configs`, comma-separated):
   weights in the background / with packing off (a cold start's situation).
 - `pipe4-pinned`, `whole-pinned`: each emulated node's process pinned to one core (node i to
   core i mod cores), one thread.
-`--hops` also times frame round trips between two processes over the data plane.
+`--hops` also times frame round trips between two processes, on a socket and through NATS.
+`--rounds N` runs the configurations N times in turn.
 
     .venv/bin/python bench/pipeline_tpot.py [--size 100m] [--tokens 64] [--repeats 3]
 """
@@ -58,7 +61,8 @@ def _pin(cpu: int | None) -> None:
 
 
 def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: str,
-                   nats_url: str, cpu: int | None, packing: str, ready: Any, stop: Any) -> None:
+                   nats_url: str, cpu: int | None, packing: str, direct: bool, ready: Any,
+                   stop: Any) -> None:
     """One stage >= 1: load its layers, serve frames until `stop` is set."""
     _pin(cpu)
     import nats
@@ -74,7 +78,7 @@ def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: s
 
     async def serve() -> None:
         nc = await nats.connect(nats_url)
-        channel = PipeChannel(nc, endpoint)
+        channel = PipeChannel(nc, endpoint, direct=direct, advertise_host="127.0.0.1")
         server = StageServer(runner, stage=stage, send=channel.send_threadsafe)
         server.start()
         await channel.start(stage, server.inbox.put)
@@ -136,9 +140,11 @@ def run_whole(model_dir: Path, tokens: int, repeats: int, cpu: int | None) -> li
 
 
 def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repeats: int,
-                 pinned: bool | None, packing: str = "sync") -> list[float]:
+                 pinned: bool | None, packing: str = "sync", direct: bool = True
+                 ) -> list[float]:
     """`pinned` True: each stage pinned to a core with one thread; None: one thread each,
-    unpinned; False: torch's default threads."""
+    unpinned; False: torch's default threads. `direct`: frames on direct sockets (else all
+    through the NATS server)."""
     import nats
 
     from services.worker.engine.engine import LLMEngine
@@ -155,7 +161,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
         ready = ctx.Event()
         proc = ctx.Process(target=_stage_process, args=(
             str(model_dir), bounds[stage], bounds[stage + 1], stage, endpoint, nats_url,
-            _cpu(pinned, stage), packing, ready, stop), daemon=True)
+            _cpu(pinned, stage), packing, direct, ready, stop), daemon=True)
         proc.start()
         procs.append(proc)
         readies.append(ready)
@@ -168,7 +174,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
             raise RuntimeError("a stage process did not get ready")
     loop = _Loop()
     nc = loop.run(nats.connect(nats_url))
-    channel = PipeChannel(nc, endpoint)
+    channel = PipeChannel(nc, endpoint, direct=direct, advertise_host="127.0.0.1")
     driver = PipelineDriver(engine, degree=degree, send=channel.send_threadsafe)
     loop.run(channel.start(0, driver.inbox.put))
     try:
@@ -219,7 +225,7 @@ def run_inproc(model_dir: Path, degree: int, tokens: int, repeats: int) -> list[
             server.stop(5)
 
 
-def _echo_process(nats_url: str, ready: Any, stop: Any) -> None:
+def _echo_process(nats_url: str, direct: bool, ready: Any, stop: Any) -> None:
     """Stage 1 of a hop test: every frame straight back to stage 0, through the stage
     server's path (channel -> inbox -> thread -> channel)."""
     import queue
@@ -230,7 +236,7 @@ def _echo_process(nats_url: str, ready: Any, stop: Any) -> None:
 
     async def serve() -> None:
         nc = await nats.connect(nats_url)
-        channel = PipeChannel(nc, "hop")
+        channel = PipeChannel(nc, "hop", direct=direct, advertise_host="127.0.0.1")
         inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
         def echo() -> None:
@@ -247,7 +253,7 @@ def _echo_process(nats_url: str, ready: Any, stop: Any) -> None:
 
 
 def hop_round_trips(nats_url: str, frame_bytes: int = 3072, count: int = 300,
-                    gap_s: float = 0.0) -> list[float]:
+                    gap_s: float = 0.0, direct: bool = True) -> list[float]:
     """Round trips of a frame to another process and back over the data plane, `gap_s` idle
     between them (a pipeline stage idles while the others compute)."""
     import queue
@@ -258,14 +264,14 @@ def hop_round_trips(nats_url: str, frame_bytes: int = 3072, count: int = 300,
 
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_echo_process, args=(nats_url, ready, stop), daemon=True)
+    proc = ctx.Process(target=_echo_process, args=(nats_url, direct, ready, stop), daemon=True)
     proc.start()
     loop = _Loop()
     try:
         if not ready.wait(60):
             raise RuntimeError("the echo process did not start")
         nc = loop.run(nats.connect(nats_url))
-        channel = PipeChannel(nc, "hop")
+        channel = PipeChannel(nc, "hop", direct=direct, advertise_host="127.0.0.1")
         inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         loop.run(channel.start(0, inbox.put))
         frame = b"x" * frame_bytes
@@ -306,16 +312,20 @@ def _in_child(fn: Callable[..., list[float]], *args: Any) -> list[float]:
 CONFIGS: dict[str, Callable[[Path, str, int, int], list[float]]] = {
     "whole": lambda m, u, t, r: _in_child(run_whole, m, t, r, None),
     "whole-pinned": lambda m, u, t, r: _in_child(run_whole, m, t, r, 0),
-    "pipe2": lambda m, u, t, r: _in_child(run_pipeline, m, 2, u, t, r, False),
-    "pipe4": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, False),
     "whole-1t": lambda m, u, t, r: _in_child(run_whole, m, t, r, -1),
-    "pipe4-1t": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, None),
     "pipe4-inproc": lambda m, u, t, r: _in_child(run_inproc, m, 4, t, r),
     "pipe4-bgpack": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, False,
                                                  "background"),
     "pipe4-nopack": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, False, "off"),
-    "pipe4-pinned": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, True),
 }
+# (degree, pinned) of the pipelines over direct sockets, and each again as `<name>-nats` with
+# every frame through the NATS server
+for _name, (_degree, _pinned) in {"pipe2": (2, False), "pipe4": (4, False),
+                                  "pipe4-1t": (4, None), "pipe4-pinned": (4, True)}.items():
+    for _suffix, _direct in (("", True), ("-nats", False)):
+        CONFIGS[_name + _suffix] = (
+            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct:
+            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x))
 
 
 def main() -> None:
@@ -323,6 +333,9 @@ def main() -> None:
     parser.add_argument("--size", default="100m", choices=["tiny", "small", "100m"])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the configurations this many times in turn (drift on a "
+                             "shared machine then hits every configuration alike)")
     parser.add_argument("--configs", default="whole,pipe4,whole-pinned,pipe4-pinned")
     parser.add_argument("--hops", action="store_true",
                         help="also time frame round trips between two processes (busy, and "
@@ -343,25 +356,33 @@ def main() -> None:
         write_demo_model(model_dir, size=args.size)
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
-        for name in configs:
-            print(f"{name}: running", flush=True)
-            results[name] = CONFIGS[name](model_dir, server.url, args.tokens, args.repeats)
-            print(f"{name}: TPOT per request (ms) "
-                  f"{', '.join(f'{t * 1e3:.1f}' for t in results[name])}", flush=True)
+        for round_index in range(args.rounds):
+            for name in configs:
+                print(f"round {round_index + 1}, {name}: running", flush=True)
+                tpots = CONFIGS[name](model_dir, server.url, args.tokens, args.repeats)
+                results.setdefault(name, []).extend(tpots)
+                print(f"round {round_index + 1}, {name}: TPOT per request (ms) "
+                      f"{', '.join(f'{t * 1e3:.1f}' for t in tpots)}", flush=True)
         hops: dict[str, float] = {}
         if args.hops:
-            for label, gap_s in (("busy", 0.0), ("idle 30 ms", 0.03)):
-                trips = hop_round_trips(server.url, gap_s=gap_s, count=300 if not gap_s else 100)
-                hops[label] = statistics.median(trips)
-                print(f"hop round trip, {label} between: median {hops[label] * 1e3:.3f} ms",
-                      flush=True)
+            for way, direct in (("socket", True), ("NATS", False)):
+                for label, gap_s in (("busy", 0.0), ("idle 30 ms", 0.03)):
+                    trips = hop_round_trips(server.url, gap_s=gap_s, direct=direct,
+                                            count=300 if not gap_s else 100)
+                    key = f"{way}, {label} between"
+                    hops[key] = statistics.median(trips)
+                    print(f"hop round trip, {key}: median {hops[key] * 1e3:.3f} ms", flush=True)
     medians = {name: statistics.median(tpots) for name, tpots in results.items()}
-    print(f"\n{'config':<14} {'TPOT median (ms)':>17}")
+    print(f"\n{'config':<18} {'TPOT median (ms)':>17}")
     for name, value in medians.items():
-        print(f"{name:<14} {value * 1e3:>17.1f}")
-    for pipe, whole in (("pipe4", "whole"), ("pipe2", "whole"), ("pipe4-1t", "whole-1t"),
-                        ("pipe4-inproc", "whole-1t"), ("pipe4-pinned", "whole-pinned")):
-        if pipe in medians and whole in medians:
+        print(f"{name:<18} {value * 1e3:>17.1f}")
+    for pipe in medians:
+        if not pipe.startswith("pipe"):
+            continue
+        base = pipe.removesuffix("-nats")
+        whole = ("whole-1t" if base in ("pipe4-1t", "pipe4-inproc") else
+                 "whole-pinned" if base == "pipe4-pinned" else "whole")
+        if whole in medians:
             print(f"{pipe} / {whole}: {medians[pipe] / medians[whole]:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"size": args.size, "tokens": args.tokens,

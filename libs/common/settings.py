@@ -12,9 +12,12 @@ takes the values it needs as arguments and never reads the environment. Examples
     HYDRASERVE_GATEWAY__DEFAULT_MAX_REQUESTS_PER_MINUTE=600
     HYDRASERVE_DATABASE__URL=postgresql+asyncpg://postgres:pw@postgres:5432/hydraserve
     HYDRASERVE_WORKER__ACK_WAIT_S=30
+    HYDRASERVE_WORKER__DATA_PLANE=nats
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +85,13 @@ class WorkerSettings(BaseModel):
     fetch_timeout_s: float = Field(default=1.0, gt=0)
     # on SIGTERM, time given to in-flight requests to finish before they are handed back
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # pipeline activations: "tcp" writes each frame on a direct socket to the receiving stage
+    # (its address asked for over NATS; NATS carries the frames if it cannot be reached);
+    # "nats" sends every frame through the NATS server
+    data_plane: Literal["tcp", "nats"] = "tcp"
+    # the host other stages reach this worker's data-plane socket at (default: this host's
+    # name, resolved: the pod's or container's address)
+    data_plane_host: str | None = None
 
 
 class Settings(BaseSettings):

@@ -8,7 +8,8 @@
   `hs.evt.<entity>.<verb>.<model>` (`_` where an event concerns no model), so a consumer can
   filter by kind (`hs.evt.worker.ready.*`) or by model (`hs.evt.*.*.<model>`).
 - Commands: JetStream stream `HS_COMMANDS`, `hs.cmd.node.<node_id>` / `hs.cmd.worker.<id>`.
-- Pipeline data plane: core NATS, `hs.pipe.<endpoint_id>.<stage>` (`pipe_subject`).
+- Pipeline data plane: core NATS, `hs.pipe.<endpoint_id>.<stage>` (`pipe_subject`); a stage's
+  direct-socket address is asked for on `hs.pipe.<endpoint_id>.<stage>.addr`.
 
 Names that come from users (model names such as `meta-llama/Llama-2-7b-chat-hf`, ids) may hold
 characters a subject token cannot (`.`, `*`, `>`, whitespace) or a consumer name cannot (`/`).
@@ -109,3 +110,8 @@ def pipe_subject(endpoint_id: str, stage: int) -> str:
     if stage < 0:
         raise ValueError(f"a stage index is >= 0, got {stage}")
     return f"{PIPE_PREFIX}.{encode_token(endpoint_id)}.{stage}"
+
+
+def pipe_address_subject(endpoint_id: str, stage: int) -> str:
+    """Where a stage answers with its data-plane socket's `host:port` (request-reply)."""
+    return f"{pipe_subject(endpoint_id, stage)}.addr"

@@ -46,7 +46,8 @@ class StageService:
         events = EventPublisher(nc, model=config.model, worker_id=config.worker_id,
                                 node_id=config.node_id, endpoint_id=config.endpoint_id)
         loop = asyncio.get_running_loop()
-        channel = PipeChannel(nc, config.endpoint_id)
+        channel = PipeChannel(nc, config.endpoint_id, direct=config.worker.data_plane == "tcp",
+                              advertise_host=config.worker.data_plane_host)
         server: StageServer | None = None
         exit_code = 0
         try:

@@ -48,7 +48,9 @@ class PipelineLink:
         self.config = config
         self.driver = driver
         self._publish = publish
-        self.channel = PipeChannel(nc, config.endpoint_id)
+        self.channel = PipeChannel(nc, config.endpoint_id,
+                                   direct=config.worker.data_plane == "tcp",
+                                   advertise_host=config.worker.data_plane_host)
         self.ready = asyncio.Event()
         self._connected = asyncio.Event()
         self._engine_loop: EngineLoop | None = None
