@@ -21,6 +21,9 @@ NATS server:
   weights in the background / with packing off (a cold start's situation).
 - `pipe4-pinned`, `whole-pinned`: each emulated node's process pinned to one core (node i to
   core i mod cores), one thread.
+`pair4-1t`, `pair4-pinned`, ... (and `-nats`): the pipeline and the whole model in turn, one
+  request each, in one run (the whole model in the driver's process, with its threads): the
+  ratio per pair of requests, so the machine's drift cancels.
 `--hops` also times frame round trips between two processes, on a socket and through NATS.
 `--rounds N` runs the configurations N times in turn.
 
@@ -140,11 +143,13 @@ def run_whole(model_dir: Path, tokens: int, repeats: int, cpu: int | None) -> li
 
 
 def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repeats: int,
-                 pinned: bool | None, packing: str = "sync", direct: bool = True
-                 ) -> list[float]:
+                 pinned: bool | None, packing: str = "sync", direct: bool = True,
+                 paired: bool = False) -> list[float]:
     """`pinned` True: each stage pinned to a core with one thread; None: one thread each,
     unpinned; False: torch's default threads. `direct`: frames on direct sockets (else all
-    through the NATS server)."""
+    through the NATS server). `paired`: the whole model is loaded in the driver's process too,
+    and requests alternate between the two; the list is then the pipeline's TPOT over the
+    whole model's, request by request (drift hits both alike)."""
     import nats
 
     from services.worker.engine.engine import LLMEngine
@@ -179,6 +184,14 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
     loop.run(channel.start(0, driver.inbox.put))
     try:
         driver.connect(timeout_s=30)
+        if paired:
+            whole = LLMEngine.from_model_dir(model_dir, with_tokenizer=False,
+                                             weight_packing=packing)
+            whole.load()
+            _decode(whole, tokens, 0)
+            _decode(driver, tokens, 0)
+            return [_decode(driver, tokens, 1, warm_up=False)[0]
+                    / _decode(whole, tokens, 1, warm_up=False)[0] for _ in range(repeats)]
         # as a cold start does: decode the moment the stages are loaded (while they pack)
         return _decode(driver, tokens, repeats, warm_up=packing == "sync")
     finally:
@@ -326,6 +339,10 @@ for _name, (_degree, _pinned) in {"pipe2": (2, False), "pipe4": (4, False),
         CONFIGS[_name + _suffix] = (
             lambda m, u, t, r, d=_degree, p=_pinned, x=_direct:
             _in_child(run_pipeline, m, d, u, t, r, p, "sync", x))
+        # `pair<...>`: the pipeline's TPOT over the whole model's, requests alternating
+        CONFIGS["pair" + _name.removeprefix("pipe") + _suffix] = (
+            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct:
+            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, True))
 
 
 def main() -> None:
@@ -375,7 +392,12 @@ def main() -> None:
     medians = {name: statistics.median(tpots) for name, tpots in results.items()}
     print(f"\n{'config':<18} {'TPOT median (ms)':>17}")
     for name, value in medians.items():
-        print(f"{name:<18} {value * 1e3:>17.1f}")
+        if name.startswith("pair"):
+            print(f"{name:<18} {'pipeline / whole, median of pairs:':>17} {value:.3f}x "
+                  f"(min {min(results[name]):.3f}, max {max(results[name]):.3f}, "
+                  f"{len(results[name])} pairs)")
+        else:
+            print(f"{name:<18} {value * 1e3:>17.1f}")
     for pipe in medians:
         if not pipe.startswith("pipe"):
             continue

@@ -111,6 +111,11 @@ def worker_pod(spec: WorkerSpec, *, namespace: str, image: str, node_name: str,
         requests={"memory": str(memory_bytes)},
         limits={GPU_RESOURCE: "1"} if gpu_type != "cpu" else None)
     env = [client.V1EnvVar(name=key, value=value) for key, value in sorted(spec.env.items())]
+    # the address other stages reach this worker's data-plane socket at: the pod's IP
+    env.append(client.V1EnvVar(name="HYDRASERVE_WORKER__DATA_PLANE_HOST",
+                               value_from=client.V1EnvVarSource(
+                                   field_ref=client.V1ObjectFieldSelector(
+                                       field_path="status.podIP"))))
     env_from = [client.V1EnvFromSource(config_map_ref=client.V1ConfigMapEnvSource(
         name=config_map))] if config_map else []
     container = client.V1Container(

@@ -340,7 +340,10 @@ def test_the_worker_pod_runs_the_worker_argv_on_the_agents_node_next_to_its_part
     (worker,) = spec["containers"]
     assert worker["command"] == SPEC.argv
     assert worker["image"] == "hydraserve:latest"
-    assert worker["env"] == [{"name": "HS_TRACE", "value": "1"}]
+    assert worker["env"] == [
+        {"name": "HS_TRACE", "value": "1"},
+        {"name": "HYDRASERVE_WORKER__DATA_PLANE_HOST",
+         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     assert worker["envFrom"] == [{"configMapRef": {"name": "hydraserve-config"}}]
     assert worker["volumeMounts"] == [{"name": "shm", "mountPath": SHM}]
     assert worker["resources"] == {"requests": {"memory": str(4 << 30)},
