@@ -245,7 +245,8 @@ def live_runs(args: argparse.Namespace, work: Path
 def predict(setup: LiveSetup, calibration: Calibration, workload: Path, *,
             nic_bytes_per_s: float | None, batch_prefill: bool, name: str) -> Path:
     header, requests = read_workload(workload)
-    config = replace(live_sim_config(setup), batch_prefill=batch_prefill)
+    config = replace(live_sim_config(setup), batch_prefill=batch_prefill,
+                     service_spread=calibration.warm_spread)
     result = simulate(requests, policy=DEFAULT_POLICY,
                       cluster=live_cluster(setup, calibration, nic_bytes_per_s=nic_bytes_per_s),
                       config=config, workload=header,
@@ -321,6 +322,8 @@ def variants(events: list[Event], live_a: Path, live_b: Path
         for m, c in calib_a.models.items()})
     return {"sim_calib_a": (calib_a, nic_a, True),
             "sim_calib_b": (calib_b, solo_fetch_bytes_per_s(events_b) or nic_a, True),
+            # every warm request at its modelled time, as before the spread was calibrated
+            "sim_calib_a_no_spread": (replace(calib_a, warm_spread=()), nic_a, True),
             "sim_calib_a_before_fixes": (before, None, False)}
 
 

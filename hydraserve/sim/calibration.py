@@ -29,6 +29,13 @@
   `worker.stop_requested`): the gateway -> JetStream -> worker pull a simulated request does
   not wait for. `times` adds it, and the caller's `client_overhead_s` (what a client sees
   beyond the gateway's TTFT; the events cannot tell it), to the prefill.
+- the spread of warm requests (`warm_spread`): for each warm request (as for dispatch), its
+  gateway `ttft_s` over what the medians above predict for it (dispatch + its model's prefill
+  line at its prompt tokens); the 0th, 5th, ..., 100th percentiles of that ratio. On a shared
+  CPU a warm request's time spreads (a prefill doubles while its worker decodes others, or
+  another worker starts); the simulator draws each prefill step's factor from these
+  percentiles (`SimConfig.service_spread`) where one value per model put every warm request
+  at the median.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class Calibration:
     dispatch_s: float | None = None
     # a client's TTFT beyond the gateway's (HTTP, SSE); not in the events, the caller's
     client_overhead_s: float | None = None
+    # percentiles 0, 5, ..., 100 of a warm request's TTFT over its predicted TTFT; () unknown
+    warm_spread: tuple[float, ...] = ()
 
     def apply(self, cluster: Cluster) -> Cluster:
         """The cluster with the measured start-up (bandwidths are configured): the
@@ -131,10 +140,14 @@ def calibrate(events: Sequence[Event]) -> Calibration:
                                   prefill_base_s=fits[m][0] if m in fits else None,
                                   prefill_s_per_token=fits[m][1] if m in fits else None)
               for m in sorted(prefills.keys() | tpots.keys())}
+    warm = _warm_requests(events)
+    dispatch_s = _median([float(d["queue_s"]) for d in warm.values()
+                          if _is_number(d.get("queue_s"))])
     return Calibration(startup_s=_median(startups), fetch_bytes_per_s=_median(bandwidths),
                        models=models, worker_init_s=_median([o[0] for o in overlapped]),
                        ready_tail_s=_median([o[1] for o in overlapped]),
-                       dispatch_s=_median(_warm_queue_s(events)))
+                       dispatch_s=dispatch_s,
+                       warm_spread=_warm_spread(warm, models, dispatch_s or 0.0))
 
 
 def _overlapped_startup(event: Event, placed_at: Mapping[str, float],
@@ -206,8 +219,33 @@ def _step_point(requests: list[Mapping[str, Any]]) -> tuple[float, float] | None
     return float(tokens), max(seconds)
 
 
-def _warm_queue_s(events: Sequence[Event]) -> list[float]:
-    """`queue_s` of the requests received while a ready worker of their model was up."""
+def _warm_spread(warm: Mapping[tuple[str, str], Mapping[str, Any]],
+                 models: Mapping[str, ModelCalibration], dispatch_s: float) -> tuple[float, ...]:
+    """Percentiles 0, 5, ..., 100 of warm TTFT / predicted TTFT; () with under 2 requests."""
+    ratios = []
+    for (model, _), data in warm.items():
+        measured = models.get(model, ModelCalibration())
+        usage = data.get("usage")
+        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if measured.prefill_base_s is not None and measured.prefill_s_per_token is not None \
+                and isinstance(tokens, int):
+            prefill_s = measured.prefill_base_s + measured.prefill_s_per_token * tokens
+        elif measured.prefill_s is not None:
+            prefill_s = measured.prefill_s
+        else:
+            continue
+        if _is_number(data.get("ttft_s")) and dispatch_s + prefill_s > 0:
+            ratios.append(float(data["ttft_s"]) / (dispatch_s + prefill_s))
+    if len(ratios) < 2:
+        return ()
+    ratios.sort()
+    inner = statistics.quantiles(ratios, n=20, method="inclusive")
+    return (ratios[0], *inner, ratios[-1])
+
+
+def _warm_requests(events: Sequence[Event]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(model, request id) -> `request.done` data of the requests received while a ready
+    worker of their model was up."""
     ready: dict[str, tuple[str, float]] = {}  # worker id -> (model, ready time)
     stopped: dict[str, float] = {}
     received: dict[str, tuple[str, float]] = {}  # request id -> (model, time)
@@ -218,16 +256,14 @@ def _warm_queue_s(events: Sequence[Event]) -> list[float]:
             stopped.setdefault(event.worker_id, event.time)
         elif event.kind == "request.received" and event.request_id and event.model:
             received.setdefault(event.request_id, (event.model, event.time))
-    queue_s = []
+    warm: dict[tuple[str, str], Mapping[str, Any]] = {}
     for event in events:
         if event.kind != "request.done" or event.request_id not in received:
             continue
         model, at = received[event.request_id or ""]
-        is_warm = any(m == model and t <= at < stopped.get(w, math.inf)
-                      for w, (m, t) in ready.items())
-        if is_warm and _is_number(event.data.get("queue_s")):
-            queue_s.append(float(event.data["queue_s"]))
-    return queue_s
+        if any(m == model and t <= at < stopped.get(w, math.inf) for w, (m, t) in ready.items()):
+            warm[(model, event.request_id or "")] = event.data
+    return warm
 
 
 def _startup_s(event: Event, fetch_s: Mapping[str, tuple[float, float]]) -> float | None:

@@ -60,6 +60,11 @@ class SimConfig:
     # requests an endpoint takes at one instant share one prefill of all their prompt tokens
     # (the live engine's prefill step); False: each is prefilled as if alone
     batch_prefill: bool = False
+    # percentiles (equally spaced, 0 to 100) of a factor on each prefill step's time, drawn
+    # per step (Calibration.warm_spread); (): every step takes its modelled time
+    service_spread: tuple[float, ...] = ()
+    # seeds the draws from `service_spread`
+    seed: int = 0
     keep_alive_s: float = 60.0
     # StopWorker -> WorkerStopped
     stop_delay_s: float = 0.1
@@ -73,7 +78,9 @@ class SimConfig:
     skip_idle_ticks: bool = True
 
     def __post_init__(self) -> None:
-        if self.tick_s <= 0 or self.max_batch < 1 or self.cache_bytes < 0:
+        if self.tick_s <= 0 or self.max_batch < 1 or self.cache_bytes < 0 \
+                or len(self.service_spread) == 1 or any(f < 0 for f in self.service_spread) \
+                or list(self.service_spread) != sorted(self.service_spread):
             raise ValueError(f"bad simulator config: {self}")
 
 
@@ -139,7 +146,8 @@ class Simulator:
         self._workers: dict[int, SimWorker] = {}
         self._num_arrivals_left = len(self._requests)
         self.serving = Serving(self, max_batch=config.max_batch,
-                               batch_prefill=config.batch_prefill)
+                               batch_prefill=config.batch_prefill,
+                               spread=config.service_spread, seed=config.seed)
 
     # --- the event loop ------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ An endpoint the policy marks READY takes its model's queued requests, oldest fir
 `max_batch` at once; batching slows nothing down, except that with `batch_prefill` the
 requests taken at one instant share one prefill of all their prompt tokens (the worker's
 engine prefills every waiting request in one step; docs/SIM_VS_LIVE.md). A request's first
-token comes a prefill after it is taken; then a token every `tpot`. While the endpoint is a
+token comes a prefill after it is taken (times a factor drawn per step from `spread`, the
+calibrated percentiles of how warm requests spread on the live system; none if empty); then
+a token every `tpot`. While the endpoint is a
 degree-p pipeline both are scaled by DESIGN.md's factor p − a + a/p (a = 1 full-size worker)
 and decoding pays a per-hop cost per stage boundary; after consolidation the remaining
 tokens go at the whole worker's tpot.
@@ -13,6 +15,7 @@ tokens go at the whole worker's tpot.
 from __future__ import annotations
 
 import bisect
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -101,10 +104,13 @@ class Endpoint:
 
 
 class Serving:
-    def __init__(self, sim: Simulator, *, max_batch: int, batch_prefill: bool = False) -> None:
+    def __init__(self, sim: Simulator, *, max_batch: int, batch_prefill: bool = False,
+                 spread: Sequence[float] = (), seed: int = 0) -> None:
         self._sim = sim
         self._max_batch = max_batch
         self._batch_prefill = batch_prefill
+        self._spread = list(spread)
+        self._rng = random.Random(seed)
         self.endpoints: dict[int, Endpoint] = {}
         # model -> queued (arrival, request id), oldest first
         self._queues: dict[str, list[tuple[float, str]]] = defaultdict(list)
@@ -142,16 +148,27 @@ class Serving:
                 taken.append(self._by_id[request_id])
             # taken together, they are prefilled in one step of all their prompt tokens
             batch_tokens = sum(r.prompt_tokens for r in taken) if self._batch_prefill else None
+            step_factor = self._draw() if self._batch_prefill else None
             for request in taken:
-                self._start(endpoint, request, prefill_tokens=batch_tokens)
+                self._start(endpoint, request, prefill_tokens=batch_tokens,
+                            spread=self._draw() if step_factor is None else step_factor)
+
+    def _draw(self) -> float:
+        """A factor from the spread's percentiles (inverse CDF, linear between them)."""
+        if not self._spread:
+            return 1.0
+        position = self._rng.random() * (len(self._spread) - 1)
+        low = int(position)
+        high = min(low + 1, len(self._spread) - 1)
+        return self._spread[low] + (position - low) * (self._spread[high] - self._spread[low])
 
     def _start(self, endpoint: Endpoint, request: WorkloadRequest, *,
-               prefill_tokens: int | None = None) -> None:
+               prefill_tokens: int | None = None, spread: float = 1.0) -> None:
         sim = self._sim
         now = sim.now
         times, factor = endpoint.pace()
         tokens = request.prompt_tokens if prefill_tokens is None else prefill_tokens
-        first_token_at = now + times.prefill_s(tokens) * factor
+        first_token_at = now + times.prefill_s(tokens) * factor * spread
         head = endpoint.head()
         active = _Active(request, head.worker_id, now, first_token_at,
                          decode_from=first_token_at, tokens_left=request.output_tokens - 1,

@@ -130,6 +130,36 @@ def test_calibrate_fits_a_line_through_prefill_steps_of_several_requests() -> No
     assert times.prefill_s(400) == pytest.approx(0.31)
 
 
+def test_calibrate_takes_the_spread_of_warm_requests_over_their_prediction() -> None:
+    events: list[Event] = [Event(kind="worker.ready", time=5.0, worker_id="1", model="m")]
+    # 21 warm requests, one prefill step each: queue 0.01 s, 100 prompt tokens; their
+    # prefills are 0.03, 0.04, ..., 0.23 s, so the median line is 0.13 s flat (all the same
+    # size: no slope to fit) and dispatch 0.01 s: predicted TTFT 0.14 s
+    for i in range(21):
+        request_id = f"w{i}"
+        events.append(Event(kind="request.received", time=6.0 + i, model="m",
+                            request_id=request_id))
+        events.append(Event(kind="request.first_token", time=6.5 + i, worker_id="1",
+                            model="m", request_id=request_id))
+        events.append(Event(kind="request.done", time=7.0 + i, worker_id="1", model="m",
+                            request_id=request_id, data={
+                                "queue_s": 0.01, "ttft_s": 0.01 + 0.03 + 0.01 * i,
+                                "usage": {"prompt_tokens": 100}}))
+    # a cold request (no worker up when it came; its prefill 0.13 s keeps the median) is left
+    # out of the spread
+    events.append(Event(kind="request.received", time=1.0, model="m", request_id="cold"))
+    events.append(Event(kind="request.done", time=5.5, model="m", request_id="cold",
+                        data={"queue_s": 4.0, "ttft_s": 4.13,
+                              "usage": {"prompt_tokens": 100}}))
+    calibration = calibrate(sorted(events, key=lambda e: e.time))
+    assert calibration.dispatch_s == pytest.approx(0.01)
+    assert calibration.models["m"].prefill_s == pytest.approx(0.13)
+    spread = calibration.warm_spread
+    assert len(spread) == 21
+    # the i-th of 21 equally spaced ratios sits at percentile 5 i
+    assert spread == pytest.approx([(0.04 + 0.01 * i) / 0.14 for i in range(21)])
+
+
 def test_apply_prefers_the_overlapped_start_up_and_sets_the_tail() -> None:
     base = live_cluster(SETUP, Calibration())
     measured = Calibration(startup_s=2.0, worker_init_s=4.3, ready_tail_s=0.1).apply(base)
@@ -175,6 +205,36 @@ def test_requests_taken_together_share_one_prefill_step_when_batched(
                              size_classes=live_size_classes(SETUP, calibration)).results
     assert second.ttft_s == pytest.approx(ttft_s)
     assert first.ttft_s == pytest.approx(ttft_s if batch_prefill else 3.0 + 0.03 + 0.1)
+
+
+def test_each_prefill_step_takes_a_factor_drawn_from_the_spread() -> None:
+    calibration = Calibration(models={"sv-0": ModelCalibration(
+        prefill_base_s=0.05, prefill_s_per_token=0.0, tpot_s=0.02)}, worker_init_s=3.0)
+    # warm requests, far enough apart to be lone steps on the one endpoint
+    requests = [request(f"r{i}", 5.0 + i) for i in range(200)]
+
+    def warm_ttfts(spread: tuple[float, ...], seed: int = 0) -> list[float]:
+        config = SimConfig(keep_alive_s=1000.0, max_pipeline_degree=1, batch_prefill=True,
+                           service_spread=spread, seed=seed)
+        results = simulate([request("first", 0.0), *requests], policy="hydraserve",
+                           cluster=live_cluster(SETUP, calibration), config=config,
+                           size_classes=live_size_classes(SETUP, calibration)).results
+        return [r.ttft_s for r in results if r.request_id != "first"]  # type: ignore[misc]
+
+    assert warm_ttfts(()) == pytest.approx([0.05] * 200)
+    assert warm_ttfts((2.0, 2.0, 2.0)) == pytest.approx([0.1] * 200)
+    drawn = warm_ttfts((1.0, 2.0, 5.0))
+    assert all(0.05 <= t <= 0.25 for t in drawn)
+    # half the draws fall below the middle percentile (factor 2): about 100 of 200
+    assert 80 <= sum(t < 0.1 for t in drawn) <= 120
+    assert drawn == warm_ttfts((1.0, 2.0, 5.0))  # seeded
+    assert drawn != warm_ttfts((1.0, 2.0, 5.0), seed=1)
+
+
+@pytest.mark.parametrize("spread", [(1.0,), (2.0, 1.0), (-1.0, 1.0)])
+def test_a_spread_must_be_ascending_non_negative_percentiles(spread: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match="bad simulator config"):
+        SimConfig(service_spread=spread)
 
 
 def test_a_class_named_like_the_model_wins_over_the_size_in_its_name() -> None:
