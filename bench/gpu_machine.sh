@@ -30,9 +30,10 @@ for step in $steps; do
             | tee "$OUT/engine_cuda.log" | tail -12 ;;
     pipeline)
         # a core per emulated node: each stage process pinned to its own core
-        python3 bench/pipeline_tpot.py --hops --repeats 3 --rounds 3 \
-            --configs whole-pinned,pipe4-pinned,pipe4-pinned-nats,whole-1t,pipe4-1t,pipe4-1t-nats \
-            --out "$OUT/pipeline_tpot.json" 2>&1 | tee "$OUT/pipeline_tpot.log" | tail -20 ;;
+        # each pair: the pipeline and the whole model (in stage 0's process) in turn
+        python3 bench/pipeline_tpot.py --repeats 8 --rounds 2 \
+            --configs pair4-1t,pair4-1t-nats,pair4-pinned \
+            --out "$OUT/pipeline_tpot.json" 2>&1 | tee "$OUT/pipeline_tpot.log" | tail -12 ;;
     profile)
         python3 bench/gpu_profile.py 2>&1 | tee "$OUT/gpu_profile.log" | grep -E "^==" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -378,8 +378,10 @@ def main() -> None:
                 print(f"round {round_index + 1}, {name}: running", flush=True)
                 tpots = CONFIGS[name](model_dir, server.url, args.tokens, args.repeats)
                 results.setdefault(name, []).extend(tpots)
-                print(f"round {round_index + 1}, {name}: TPOT per request (ms) "
-                      f"{', '.join(f'{t * 1e3:.1f}' for t in tpots)}", flush=True)
+                shown = (f"pipeline / whole per pair {', '.join(f'{t:.3f}' for t in tpots)}"
+                         if name.startswith("pair") else
+                         f"TPOT per request (ms) {', '.join(f'{t * 1e3:.1f}' for t in tpots)}")
+                print(f"round {round_index + 1}, {name}: {shown}", flush=True)
         hops: dict[str, float] = {}
         if args.hops:
             for way, direct in (("socket", True), ("NATS", False)):
