@@ -133,6 +133,20 @@ def _decode(engine: Any, tokens: int, repeats: int, warm_up: bool = True) -> lis
     return tpots
 
 
+def _pairs(driver: Any, model_dir: Path, tokens: int, repeats: int, packing: str
+           ) -> list[float]:
+    """The whole model loaded beside the pipeline's driver; requests alternate between the
+    two: the pipeline's TPOT over the whole model's, per pair."""
+    from services.worker.engine.engine import LLMEngine
+
+    whole = LLMEngine.from_model_dir(model_dir, with_tokenizer=False, weight_packing=packing)
+    whole.load()
+    _decode(whole, tokens, 0)
+    _decode(driver, tokens, 0)
+    return [_decode(driver, tokens, 1, warm_up=False)[0]
+            / _decode(whole, tokens, 1, warm_up=False)[0] for _ in range(repeats)]
+
+
 def run_whole(model_dir: Path, tokens: int, repeats: int, cpu: int | None) -> list[float]:
     _pin(cpu)
     from services.worker.engine.engine import LLMEngine
@@ -185,13 +199,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
     try:
         driver.connect(timeout_s=30)
         if paired:
-            whole = LLMEngine.from_model_dir(model_dir, with_tokenizer=False,
-                                             weight_packing=packing)
-            whole.load()
-            _decode(whole, tokens, 0)
-            _decode(driver, tokens, 0)
-            return [_decode(driver, tokens, 1, warm_up=False)[0]
-                    / _decode(whole, tokens, 1, warm_up=False)[0] for _ in range(repeats)]
+            return _pairs(driver, model_dir, tokens, repeats, packing)
         # as a cold start does: decode the moment the stages are loaded (while they pack)
         return _decode(driver, tokens, repeats, warm_up=packing == "sync")
     finally:
@@ -203,9 +211,11 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
         loop.close()
 
 
-def run_inproc(model_dir: Path, degree: int, tokens: int, repeats: int) -> list[float]:
+def run_inproc(model_dir: Path, degree: int, tokens: int, repeats: int,
+               paired: bool = False) -> list[float]:
     """The pipeline with its stages as threads of one process, frames handed from inbox to
-    inbox (the real wire format, no NATS, no process wake-ups); one torch thread."""
+    inbox (the real wire format, no NATS, no process wake-ups); one torch thread. `paired`:
+    as in `run_pipeline`."""
     _pin(-1)
     from services.worker.engine.config import EngineConfig
     from services.worker.engine.engine import LLMEngine
@@ -232,6 +242,8 @@ def run_inproc(model_dir: Path, degree: int, tokens: int, repeats: int) -> list[
         servers[-1].start()
     try:
         driver.connect(timeout_s=30)
+        if paired:
+            return _pairs(driver, model_dir, tokens, repeats, "sync")
         return _decode(driver, tokens, repeats)
     finally:
         for server in servers:
@@ -327,6 +339,7 @@ CONFIGS: dict[str, Callable[[Path, str, int, int], list[float]]] = {
     "whole-pinned": lambda m, u, t, r: _in_child(run_whole, m, t, r, 0),
     "whole-1t": lambda m, u, t, r: _in_child(run_whole, m, t, r, -1),
     "pipe4-inproc": lambda m, u, t, r: _in_child(run_inproc, m, 4, t, r),
+    "pair4-inproc": lambda m, u, t, r: _in_child(run_inproc, m, 4, t, r, True),
     "pipe4-bgpack": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, False,
                                                  "background"),
     "pipe4-nopack": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, False, "off"),
