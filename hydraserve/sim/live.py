@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hydraserve.sim.calibration import Calibration
 from hydraserve.sim.cluster import GBPS, Cluster, Server, ServingTimes, SizeClass, StorageNode
@@ -176,3 +176,13 @@ def compare(live: RunSummary, sim: RunSummary) -> list[Metric]:
         Metric("cost (GB·s/request)", live.cost_gb_s_per_request, sim.cost_gb_s_per_request,
                is_target=False),
     ]
+
+
+def median_metrics(runs: Sequence[Sequence[Metric]]) -> list[Metric]:
+    """Per metric, the median of the simulated values over several simulated runs (each a
+    `compare` of the same live run); a metric missing in a run is left out of its median."""
+    merged = []
+    for same in zip(*runs, strict=True):
+        values = [m.sim for m in same if m.sim is not None]
+        merged.append(replace(same[0], sim=statistics.median(values) if values else None))
+    return merged

@@ -42,14 +42,22 @@ def _frame(index: int, size: int = 64) -> bytes:
     return index.to_bytes(4, "big") * (size // 4)
 
 
-@pytest.mark.anyio
-async def test_frames_go_on_the_direct_socket_in_order_after_the_first(nc: NATS) -> None:
-    endpoint = uuid.uuid4().hex
-    sender, receiver = (PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
-                        for _ in range(2))
+async def _started(nc: NATS, endpoint: str, *, direct_receiver: bool = True
+                   ) -> tuple[PipeChannel, PipeChannel, queue.SimpleQueue[bytes]]:
+    """Stage 0 (direct) and stage 1 of one endpoint, started; stage 1's frames land in the
+    queue."""
+    sender = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
+    receiver = PipeChannel(nc, endpoint, direct=direct_receiver, advertise_host="127.0.0.1")
     inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
     await sender.start(0, lambda frame: None)
     await receiver.start(1, inbox.put)
+    return sender, receiver, inbox
+
+
+@pytest.mark.anyio
+async def test_frames_go_on_the_direct_socket_in_order_after_the_first(nc: NATS) -> None:
+    endpoint = uuid.uuid4().hex
+    sender, receiver, inbox = await _started(nc, endpoint)
     assert receiver.address is not None and receiver.address.startswith("127.0.0.1:")
     # a burst: the first frames queue while the sender asks for the address and connects
     frames = [_frame(i) for i in range(200)]
@@ -69,11 +77,7 @@ async def test_frames_go_on_the_direct_socket_in_order_after_the_first(nc: NATS)
 @pytest.mark.anyio
 async def test_a_frame_of_many_megabytes_arrives_intact_on_the_socket(nc: NATS) -> None:
     endpoint = uuid.uuid4().hex
-    sender, receiver = (PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
-                        for _ in range(2))
-    inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    await sender.start(0, lambda frame: None)
-    await receiver.start(1, inbox.put)
+    sender, receiver, inbox = await _started(nc, endpoint)
     big = bytes(range(256)) * (40 * 1024 * 1024 // 256 + 3)  # 40 MiB and a bit, > max_payload
     sender.send_threadsafe(1, _frame(1))
     sender.send_threadsafe(1, big)
@@ -87,11 +91,8 @@ async def test_a_frame_of_many_megabytes_arrives_intact_on_the_socket(nc: NATS) 
 @pytest.mark.anyio
 async def test_a_stage_without_a_socket_gets_its_frames_over_nats(nc: NATS) -> None:
     endpoint = uuid.uuid4().hex
-    sender = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
-    receiver = PipeChannel(nc, endpoint, direct=False)  # answers no address requests
-    inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    await sender.start(0, lambda frame: None)
-    await receiver.start(1, inbox.put)
+    # stage 1 answers no address requests
+    sender, receiver, inbox = await _started(nc, endpoint, direct_receiver=False)
     frames = [_frame(i) for i in range(20)]
     for frame in frames:
         sender.send_threadsafe(1, frame)
@@ -104,13 +105,8 @@ async def test_a_stage_without_a_socket_gets_its_frames_over_nats(nc: NATS) -> N
 @pytest.mark.anyio
 async def test_an_unreachable_address_falls_back_to_nats(nc: NATS) -> None:
     endpoint = uuid.uuid4().hex
-    sender = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
-    # the receiver advertises an address nothing listens on
-    receiver = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
-    inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    await sender.start(0, lambda frame: None)
-    await receiver.start(1, inbox.put)
-    receiver.address = "127.0.0.1:1"
+    sender, receiver, inbox = await _started(nc, endpoint)
+    receiver.address = "127.0.0.1:1"  # it advertises an address nothing listens on
     sender.send_threadsafe(1, _frame(7))
     sender.send_threadsafe(1, _frame(8))
     assert await _received(inbox, 2) == [_frame(7), _frame(8)]
@@ -122,11 +118,7 @@ async def test_an_unreachable_address_falls_back_to_nats(nc: NATS) -> None:
 @pytest.mark.anyio
 async def test_after_a_direct_receiver_closes_later_frames_take_nats(nc: NATS) -> None:
     endpoint = uuid.uuid4().hex
-    sender, receiver = (PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
-                        for _ in range(2))
-    inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    await sender.start(0, lambda frame: None)
-    await receiver.start(1, inbox.put)
+    sender, receiver, inbox = await _started(nc, endpoint)
     sender.send_threadsafe(1, _frame(1))
     assert await _received(inbox, 1) == [_frame(1)]
     await receiver.close()

@@ -31,6 +31,7 @@ from hydraserve.sim.live import (
     live_cluster,
     live_sim_config,
     live_size_classes,
+    median_metrics,
     scale_slos,
     solo_fetch_bytes_per_s,
 )
@@ -338,3 +339,10 @@ def test_compare_reports_relative_errors_and_which_metrics_are_targets() -> None
     assert not metrics["TPOT p50 (s)"].is_target
     assert Metric("x", 1.0, 1.1).is_within(0.15)
     assert Metric("x", 0.0, 0.1).relative_error is None
+
+
+def test_median_metrics_takes_each_metrics_median_over_the_simulated_runs() -> None:
+    runs = [[Metric("p50", 1.0, sim), Metric("cost", 2.0, None, is_target=False)]
+            for sim in (0.9, 1.3, 1.0)]
+    merged = median_metrics(runs)
+    assert merged == [Metric("p50", 1.0, 1.0), Metric("cost", 2.0, None, is_target=False)]
