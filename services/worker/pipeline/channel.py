@@ -72,6 +72,7 @@ class PipeChannel:
         self.address: str | None = None
         self._sender: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
+        self._address_subscription: Subscription | None = None
         # frame id -> parts received so far
         self._partial: dict[str, list[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,9 +114,10 @@ class PipeChannel:
             self._outbox.put_nowait(None)
             with contextlib.suppress(Exception):
                 await self._sender
-        if self._subscription is not None:
-            with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
+        for subscription in (self._subscription, self._address_subscription):
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
         self._closed = True
         with self._lock:
             sockets = [s for s in self._routes.values() if s is not None] + self._readers
@@ -155,7 +157,8 @@ class PipeChannel:
         async def answer(msg: Msg) -> None:
             await msg.respond(self.address.encode() if self.address else b"")
 
-        await self._nc.subscribe(pipe_address_subject(self.endpoint_id, stage), cb=answer)
+        self._address_subscription = await self._nc.subscribe(
+            pipe_address_subject(self.endpoint_id, stage), cb=answer)
 
     async def _connect(self, stage: int) -> socket.socket | None:
         """A socket to `stage`, or None (its frames then go over NATS)."""
