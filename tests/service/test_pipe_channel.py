@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -139,3 +140,31 @@ async def test_after_a_direct_receiver_closes_later_frames_take_nats(nc: NATS) -
     assert await _received(later, over_nats) == frames[-over_nats:]
     await asyncio.wait_for(sender.close(), TIMEOUT_S)
     await successor.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_sends_no_frame_header_is_closed(
+    nc: NATS, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = uuid.uuid4().hex
+    sender, receiver, inbox = await _started(nc, endpoint)
+    assert receiver.address is not None
+    host, _, port = receiver.address.rpartition(":")
+
+    def stray_client() -> bytes:
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as stray:
+            # a length that would ask for exabytes, behind the wrong magic
+            stray.sendall(b"GET / HTTP/1.1\r\n" + b"\xff" * 16)
+            try:
+                return stray.recv(1)  # b"" once the receiver closes it
+            except ConnectionResetError:  # closed with our extra bytes unread: a reset
+                return b""
+
+    assert await asyncio.to_thread(stray_client) == b""
+    # closed for its header, before its "length" (exabytes) was allocated
+    assert "sent no frame header" in caplog.text
+    sender.send_threadsafe(1, _frame(3))
+    assert await _received(inbox, 1) == [_frame(3)]
+    assert sender.num_frames_direct == 1
+    await sender.close()
+    await receiver.close()

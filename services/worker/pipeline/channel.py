@@ -41,8 +41,11 @@ from libs.common.subjects import pipe_address_subject, pipe_subject
 
 logger = logging.getLogger(__name__)
 
-# a direct frame: 8-byte big-endian length, then the frame
-_FRAME_LENGTH = struct.Struct(">Q")
+# a direct frame: a 4-byte magic, its 8-byte big-endian length, then the frame. A connection
+# whose header does not start with the magic (not a stage: a port scanner, a stray client)
+# is closed before its length is believed.
+_FRAME_HEADER = struct.Struct(">4sQ")
+_MAGIC = b"HSP1"
 # asking a stage for its address, and connecting to it
 DIRECT_CONNECT_TIMEOUT_S = 2.0
 
@@ -187,7 +190,7 @@ class PipeChannel:
         socket is dropped: this frame and the later ones take NATS (a receiver that lost the
         connection mid-frame drops the part it has, so none arrives twice)."""
         try:
-            sock.sendall(_FRAME_LENGTH.pack(len(frame)))
+            sock.sendall(_FRAME_HEADER.pack(_MAGIC, len(frame)))
             sock.sendall(frame)
         except OSError as exc:
             logger.warning("the direct socket to stage %d failed (%r); NATS from now on",
@@ -214,8 +217,11 @@ class PipeChannel:
     def _read(self, conn: socket.socket, on_frame: Callable[[bytes], None]) -> None:
         """Hand each frame from one sender to `on_frame`, until it closes."""
         with conn:
-            while (head := _read_exactly(conn, _FRAME_LENGTH.size)) is not None:
-                (length,) = _FRAME_LENGTH.unpack(head)
+            while (head := _read_exactly(conn, _FRAME_HEADER.size)) is not None:
+                magic, length = _FRAME_HEADER.unpack(head)
+                if magic != _MAGIC:
+                    logger.error("a data-plane connection sent no frame header; closing it")
+                    return
                 frame = _read_exactly(conn, length)
                 if frame is None:
                     if not self._closed:
