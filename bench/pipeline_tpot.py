@@ -95,6 +95,12 @@ def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: s
     asyncio.run(serve())
 
 
+def _even_bounds(model_dir: Path, degree: int) -> list[int]:
+    """The layer cuts of `degree` stages of (nearly) equal layer counts."""
+    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    return [round(i * num_layers / degree) for i in range(degree + 1)]
+
+
 def _cpu(pinned: bool | None, stage: int) -> int | None:
     return None if pinned is False else -1 if pinned is None else stage
 
@@ -170,8 +176,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
     from services.worker.pipeline.channel import PipeChannel
     from services.worker.pipeline.driver import PipelineDriver
 
-    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    bounds = [round(i * num_layers / degree) for i in range(degree + 1)]
+    bounds = _even_bounds(model_dir, degree)
     endpoint = f"bench{os.getpid()}x{degree}"
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -223,8 +228,7 @@ def run_inproc(model_dir: Path, degree: int, tokens: int, repeats: int,
     from services.worker.pipeline.driver import PipelineDriver
     from services.worker.pipeline.stage import StageServer
 
-    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    bounds = [round(i * num_layers / degree) for i in range(degree + 1)]
+    bounds = _even_bounds(model_dir, degree)
     engine = LLMEngine.from_model_dir(model_dir, stage_boundaries=bounds[:2],
                                       with_tokenizer=False, weight_packing="sync")
     engine.load()

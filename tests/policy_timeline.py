@@ -1,12 +1,29 @@
-"""Feeding a timeline of events to a policy, for the policy tests."""
+"""For the policy tests: nodes and clusters to start from, and feeding a timeline of events to
+a policy."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from libs.common.db.enums import NodeStatus
 from services.scheduler.events import Command, Event
 from services.scheduler.policy import Policy
-from services.scheduler.state import ClusterState
+from services.scheduler.state import ClusterState, Fetch, ModelSpec, NodeState
+
+GB = 10**9
+GBPS = 10**9 // 8  # bytes per second in one gigabit per second
+
+
+def node_state(node_id: str, gpu_gb: int, *, nic_gbps: int = 16, last_heartbeat: float = 0.0,
+               fetches: tuple[Fetch, ...] = ()) -> NodeState:
+    """An UP A10 node with all of its `gpu_gb` free."""
+    return NodeState(node_id=node_id, gpu_type="A10", gpu_memory_bytes=gpu_gb * GB,
+                     free_gpu_memory_bytes=gpu_gb * GB, nic_bandwidth_bytes_per_s=nic_gbps * GBPS,
+                     state=NodeStatus.UP, last_heartbeat=last_heartbeat, fetches=fetches)
+
+
+def cluster(models: Sequence[ModelSpec], nodes: Sequence[NodeState]) -> ClusterState:
+    return ClusterState(models={m.name: m for m in models}, nodes={n.node_id: n for n in nodes})
 
 
 def run_balanced(policy: Policy, state: ClusterState, timeline: Sequence[tuple[float, Event]]

@@ -6,10 +6,9 @@ requests taken at one instant share one prefill of all their prompt tokens (the 
 engine prefills every waiting request in one step; docs/SIM_VS_LIVE.md). A request's first
 token comes a prefill after it is taken (times a factor drawn per step from `spread`, the
 calibrated percentiles of how warm requests spread on the live system; none if empty); then
-a token every `tpot`. While the endpoint is a
-degree-p pipeline both are scaled by DESIGN.md's factor p − a + a/p (a = 1 full-size worker)
-and decoding pays a per-hop cost per stage boundary; after consolidation the remaining
-tokens go at the whole worker's tpot.
+a token every `tpot`. While the endpoint is a degree-p pipeline both are scaled by DESIGN.md's
+factor p − a + a/p (a = 1 full-size worker) and decoding pays a per-hop cost per stage
+boundary; after consolidation the remaining tokens go at the whole worker's tpot.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ and every live worker's wait, with exit code -9 (its children die with it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from libs.common.embedded.process import parent_death_preexec
-from services.prefetcher.launcher import WorkerSpec
+from services.prefetcher.launcher import WorkerSpec, terminate_worker
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +43,12 @@ class ForkedWorker:
         return await asyncio.shield(self._exited)
 
     async def terminate(self, timeout_s: float) -> int:
-        if not self._exited.done():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._exited), timeout_s)
-        except TimeoutError:
-            logger.warning("worker pid %d ignored SIGTERM for %.1fs; killing it", self._pid,
-                           timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
-            return await asyncio.shield(self._exited)
+        return await terminate_worker(self._pid, self._signal, self.wait, timeout_s)
+
+    def _signal(self, signum: int) -> None:
+        if self._exited.done():  # reaped: the pid may be another process's by now
+            raise ProcessLookupError(self._pid)
+        os.kill(self._pid, signum)
 
 
 class ForkServerLauncher:

@@ -7,9 +7,11 @@ it), so a Kubernetes launcher (a worker pod per worker) can replace the local on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -61,15 +63,24 @@ class LocalProcess:
         return await self._process.wait()
 
     async def terminate(self, timeout_s: float) -> int:
-        if self._process.returncode is None:
-            self._process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self._process.wait(), timeout_s)
-        except TimeoutError:
-            logger.warning("worker pid %d ignored SIGTERM for %.1fs; killing it",
-                           self._process.pid, timeout_s)
-            self._process.kill()
-            return await self._process.wait()
+        return await terminate_worker(self.pid, self._process.send_signal, self._process.wait,
+                                      timeout_s)
+
+
+async def terminate_worker(pid: int, send_signal: Callable[[int], None],
+                           wait: Callable[[], Awaitable[int]], timeout_s: float) -> int:
+    """A handle's `terminate`: SIGTERM, the exit code if it comes within `timeout_s`, else
+    SIGKILL and the exit code. `send_signal` raises ProcessLookupError for a process that is
+    gone (asyncio's processes do)."""
+    with contextlib.suppress(ProcessLookupError):
+        send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(wait(), timeout_s)
+    except TimeoutError:
+        logger.warning("worker pid %d ignored SIGTERM for %.1fs; killing it", pid, timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            send_signal(signal.SIGKILL)
+        return await wait()
 
 
 class LocalLauncher:

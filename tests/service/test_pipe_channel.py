@@ -4,6 +4,7 @@ where a stage has no socket, frames in order and intact either way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import socket
 import uuid
@@ -43,128 +44,117 @@ def _frame(index: int, size: int = 64) -> bytes:
     return index.to_bytes(4, "big") * (size // 4)
 
 
-async def _started(nc: NATS, endpoint: str, *, direct_receiver: bool = True
-                   ) -> tuple[PipeChannel, PipeChannel, queue.SimpleQueue[bytes]]:
-    """Stage 0 (direct) and stage 1 of one endpoint, started; stage 1's frames land in the
-    queue."""
+@contextlib.asynccontextmanager
+async def _channels(nc: NATS, *, direct_receiver: bool = True
+                    ) -> AsyncIterator[tuple[PipeChannel, PipeChannel, queue.SimpleQueue[bytes]]]:
+    """Stage 0 (direct) and stage 1 of a new endpoint, started, and closed at the end; stage
+    1's frames land in the queue."""
+    endpoint = uuid.uuid4().hex
     sender = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
     receiver = PipeChannel(nc, endpoint, direct=direct_receiver, advertise_host="127.0.0.1")
     inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
     await sender.start(0, lambda frame: None)
     await receiver.start(1, inbox.put)
-    return sender, receiver, inbox
+    try:
+        yield sender, receiver, inbox
+    finally:
+        await asyncio.wait_for(sender.close(), TIMEOUT_S)
+        await receiver.close()
 
 
 @pytest.mark.anyio
 async def test_frames_go_on_the_direct_socket_in_order_after_the_first(nc: NATS) -> None:
-    endpoint = uuid.uuid4().hex
-    sender, receiver, inbox = await _started(nc, endpoint)
-    assert receiver.address is not None and receiver.address.startswith("127.0.0.1:")
-    # a burst: the first frames queue while the sender asks for the address and connects
-    frames = [_frame(i) for i in range(200)]
-    for frame in frames[:100]:
-        sender.send_threadsafe(1, frame)
-    assert await _received(inbox, 100) == frames[:100]
-    for frame in frames[100:]:
-        await asyncio.to_thread(sender.send_threadsafe, 1, frame)
-    assert await _received(inbox, 100) == frames[100:]
-    assert sender.num_frames_sent == 200
-    # everything went on the socket; after the connect, without the sender task
-    assert sender.num_frames_direct == 200
-    await sender.close()
-    await receiver.close()
-
+    async with _channels(nc) as (sender, receiver, inbox):
+        assert receiver.address is not None and receiver.address.startswith("127.0.0.1:")
+        # a burst: the first frames queue while the sender asks for the address and connects
+        frames = [_frame(i) for i in range(200)]
+        for frame in frames[:100]:
+            sender.send_threadsafe(1, frame)
+        assert await _received(inbox, 100) == frames[:100]
+        for frame in frames[100:]:
+            await asyncio.to_thread(sender.send_threadsafe, 1, frame)
+        assert await _received(inbox, 100) == frames[100:]
+        assert sender.num_frames_sent == 200
+        # everything went on the socket; after the connect, without the sender task
+        assert sender.num_frames_direct == 200
 
 @pytest.mark.anyio
 async def test_a_frame_of_many_megabytes_arrives_intact_on_the_socket(nc: NATS) -> None:
-    endpoint = uuid.uuid4().hex
-    sender, receiver, inbox = await _started(nc, endpoint)
-    big = bytes(range(256)) * (40 * 1024 * 1024 // 256 + 3)  # 40 MiB and a bit, > max_payload
-    sender.send_threadsafe(1, _frame(1))
-    sender.send_threadsafe(1, big)
-    sender.send_threadsafe(1, _frame(2))
-    assert await _received(inbox, 3) == [_frame(1), big, _frame(2)]
-    assert sender.num_frames_direct == 3
-    await sender.close()
-    await receiver.close()
+    async with _channels(nc) as (sender, _receiver, inbox):
+        # 40 MiB and a bit, over NATS's max_payload
+        big = bytes(range(256)) * (40 * 1024 * 1024 // 256 + 3)
+        sender.send_threadsafe(1, _frame(1))
+        sender.send_threadsafe(1, big)
+        sender.send_threadsafe(1, _frame(2))
+        assert await _received(inbox, 3) == [_frame(1), big, _frame(2)]
+        assert sender.num_frames_direct == 3
 
 
 @pytest.mark.anyio
 async def test_a_stage_without_a_socket_gets_its_frames_over_nats(nc: NATS) -> None:
-    endpoint = uuid.uuid4().hex
     # stage 1 answers no address requests
-    sender, receiver, inbox = await _started(nc, endpoint, direct_receiver=False)
-    frames = [_frame(i) for i in range(20)]
-    for frame in frames:
-        sender.send_threadsafe(1, frame)
-    assert await _received(inbox, 20) == frames
-    assert sender.num_frames_sent == 20 and sender.num_frames_direct == 0
-    await sender.close()
-    await receiver.close()
+    async with _channels(nc, direct_receiver=False) as (sender, _receiver, inbox):
+        frames = [_frame(i) for i in range(20)]
+        for frame in frames:
+            sender.send_threadsafe(1, frame)
+        assert await _received(inbox, 20) == frames
+        assert sender.num_frames_sent == 20 and sender.num_frames_direct == 0
 
 
 @pytest.mark.anyio
 async def test_an_unreachable_address_falls_back_to_nats(nc: NATS) -> None:
-    endpoint = uuid.uuid4().hex
-    sender, receiver, inbox = await _started(nc, endpoint)
-    receiver.address = "127.0.0.1:1"  # it advertises an address nothing listens on
-    sender.send_threadsafe(1, _frame(7))
-    sender.send_threadsafe(1, _frame(8))
-    assert await _received(inbox, 2) == [_frame(7), _frame(8)]
-    assert sender.num_frames_direct == 0
-    await sender.close()
-    await receiver.close()
+    async with _channels(nc) as (sender, receiver, inbox):
+        receiver.address = "127.0.0.1:1"  # it advertises an address nothing listens on
+        sender.send_threadsafe(1, _frame(7))
+        sender.send_threadsafe(1, _frame(8))
+        assert await _received(inbox, 2) == [_frame(7), _frame(8)]
+        assert sender.num_frames_direct == 0
 
 
 @pytest.mark.anyio
 async def test_after_a_direct_receiver_closes_later_frames_take_nats(nc: NATS) -> None:
-    endpoint = uuid.uuid4().hex
-    sender, receiver, inbox = await _started(nc, endpoint)
-    sender.send_threadsafe(1, _frame(1))
-    assert await _received(inbox, 1) == [_frame(1)]
-    await receiver.close()
-    # a stage 1 that listens on NATS only (as a replacement would, before it is asked)
-    successor = PipeChannel(nc, endpoint, direct=False)
-    later: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-    await successor.start(1, later.put)
-    # a write into the closed socket fails within a few frames (the peer resets it; the
-    # first writes may still land in the kernel's buffer, lost as to a dead stage); from the
-    # failed one on, the frames take NATS and reach the successor
-    frames = [_frame(i, size=64 * 1024) for i in range(50)]
-    for frame in frames:
-        await asyncio.to_thread(sender.send_threadsafe, 1, frame)
-        await asyncio.sleep(0.005)
-    over_nats = 51 - sender.num_frames_direct
-    assert 0 < over_nats <= 50
-    assert sender.num_frames_sent == 51
-    assert await _received(later, over_nats) == frames[-over_nats:]
-    await asyncio.wait_for(sender.close(), TIMEOUT_S)
-    await successor.close()
+    async with _channels(nc) as (sender, receiver, inbox):
+        sender.send_threadsafe(1, _frame(1))
+        assert await _received(inbox, 1) == [_frame(1)]
+        await receiver.close()
+        # a stage 1 that listens on NATS only (as a replacement would, before it is asked)
+        successor = PipeChannel(nc, receiver.endpoint_id, direct=False)
+        later: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        await successor.start(1, later.put)
+        # a write into the closed socket fails within a few frames (the peer resets it; the
+        # first writes may still land in the kernel's buffer, lost as to a dead stage); from the
+        # failed one on, the frames take NATS and reach the successor
+        frames = [_frame(i, size=64 * 1024) for i in range(50)]
+        for frame in frames:
+            await asyncio.to_thread(sender.send_threadsafe, 1, frame)
+            await asyncio.sleep(0.005)
+        over_nats = 51 - sender.num_frames_direct
+        assert 0 < over_nats <= 50
+        assert sender.num_frames_sent == 51
+        assert await _received(later, over_nats) == frames[-over_nats:]
+        await successor.close()
 
 
 @pytest.mark.anyio
 async def test_a_connection_that_sends_no_frame_header_is_closed(
     nc: NATS, caplog: pytest.LogCaptureFixture
 ) -> None:
-    endpoint = uuid.uuid4().hex
-    sender, receiver, inbox = await _started(nc, endpoint)
-    assert receiver.address is not None
-    host, _, port = receiver.address.rpartition(":")
+    async with _channels(nc) as (sender, receiver, inbox):
+        assert receiver.address is not None
+        host, _, port = receiver.address.rpartition(":")
 
-    def stray_client() -> bytes:
-        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as stray:
-            # a length that would ask for exabytes, behind the wrong magic
-            stray.sendall(b"GET / HTTP/1.1\r\n" + b"\xff" * 16)
-            try:
-                return stray.recv(1)  # b"" once the receiver closes it
-            except ConnectionResetError:  # closed with our extra bytes unread: a reset
-                return b""
+        def stray_client() -> bytes:
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as stray:
+                # a length that would ask for exabytes, behind the wrong magic
+                stray.sendall(b"GET / HTTP/1.1\r\n" + b"\xff" * 16)
+                try:
+                    return stray.recv(1)  # b"" once the receiver closes it
+                except ConnectionResetError:  # closed with our extra bytes unread: a reset
+                    return b""
 
-    assert await asyncio.to_thread(stray_client) == b""
-    # closed for its header, before its "length" (exabytes) was allocated
-    assert "sent no frame header" in caplog.text
-    sender.send_threadsafe(1, _frame(3))
-    assert await _received(inbox, 1) == [_frame(3)]
-    assert sender.num_frames_direct == 1
-    await sender.close()
-    await receiver.close()
+        assert await asyncio.to_thread(stray_client) == b""
+        # closed for its header, before its "length" (exabytes) was allocated
+        assert "sent no frame header" in caplog.text
+        sender.send_threadsafe(1, _frame(3))
+        assert await _received(inbox, 1) == [_frame(3)]
+        assert sender.num_frames_direct == 1

@@ -38,12 +38,11 @@ from services.scheduler.events import (
     WorkerStopped,
 )
 from services.scheduler.policy import SINGLE_WORKER, Policy, decide
-from services.scheduler.state import ClusterState, Fetch, ModelSpec, NodeState
+from services.scheduler.state import ClusterState, Fetch, ModelSpec
+from tests.policy_timeline import GB, GBPS, cluster, node_state
 
 pytestmark = pytest.mark.unit
 
-GB = 10**9
-GBPS = 10**9 // 8  # bytes per second in one gigabit per second
 
 
 def model_spec(name: str = "llama", *, size_bytes: int = 13 * GB, kv_cache_bytes: int = 2 * GB,
@@ -53,19 +52,9 @@ def model_spec(name: str = "llama", *, size_bytes: int = 13 * GB, kv_cache_bytes
                      max_pipeline_degree=4, keep_alive_s=keep_alive_s)
 
 
-def node_state(node_id: str, gpu_gb: int, *, last_heartbeat: float = 0.0) -> NodeState:
-    return NodeState(node_id=node_id, gpu_type="A10", gpu_memory_bytes=gpu_gb * GB,
-                     free_gpu_memory_bytes=gpu_gb * GB, nic_bandwidth_bytes_per_s=16 * GBPS,
-                     state=NodeStatus.UP, last_heartbeat=last_heartbeat)
-
-
 def heartbeat(node_id: str, gpu_gb: int) -> NodeHeartbeat:
     return NodeHeartbeat(node_id, "A10", gpu_memory_bytes=gpu_gb * GB,
                          nic_bandwidth_bytes_per_s=16 * GBPS)
-
-
-def cluster(models: Sequence[ModelSpec], nodes: Sequence[NodeState]) -> ClusterState:
-    return ClusterState(models={m.name: m for m in models}, nodes={n.node_id: n for n in nodes})
 
 
 def place(worker_id: int, endpoint_id: int, node_id: str, model: ModelSpec) -> PlaceWorker:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
+from libs.common.db.enums import EndpointStatus, WorkerStatus
 from services.scheduler.events import (
     Command,
     Event,
@@ -25,12 +25,11 @@ from services.scheduler.events import (
 from services.scheduler.eviction import idle_endpoints, reclaimable_bytes
 from services.scheduler.policy import HYDRASERVE, SINGLE_WORKER, Policy
 from services.scheduler.state import ClusterState, ModelSpec, NodeState
-from tests.policy_timeline import run_balanced
+from tests import policy_timeline
+from tests.policy_timeline import GB, node_state, run_balanced
 
 pytestmark = pytest.mark.unit
 
-GB = 10**9
-GBPS = 10**9 // 8
 
 
 def model_spec(name: str, *, size_gb: int = 13, kv_gb: int = 2,
@@ -49,14 +48,8 @@ LATE, LONG, SHORT = (model_spec(n, ttft_slo_s=slo)
 MODELS = (LLAMA, MISTRAL, QWEN, GEMMA, TINY, LATE, LONG, SHORT)
 
 
-def node_state(node_id: str, gpu_gb: int, *, nic_gbps: int = 16) -> NodeState:
-    return NodeState(node_id=node_id, gpu_type="A10", gpu_memory_bytes=gpu_gb * GB,
-                     free_gpu_memory_bytes=gpu_gb * GB, nic_bandwidth_bytes_per_s=nic_gbps * GBPS,
-                     state=NodeStatus.UP, last_heartbeat=0.0)
-
-
 def cluster(*nodes: NodeState) -> ClusterState:
-    return ClusterState(models={m.name: m for m in MODELS}, nodes={n.node_id: n for n in nodes})
+    return policy_timeline.cluster(MODELS, nodes)
 
 
 def place(worker_id: int, node_id: str, model: ModelSpec) -> PlaceWorker:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
+from libs.common.db.enums import EndpointStatus, WorkerStatus
 from libs.common.messages import ConsolidateCommand, Event, EventKind, PlaceWorkerCommand
 from libs.common.subjects import command_subject
 from services.scheduler.commands import Outgoing, to_outgoing, to_policy_event
@@ -28,12 +28,10 @@ from services.scheduler.events import (
 from services.scheduler.events import Event as PolicyEvent
 from services.scheduler.policy import HYDRASERVE, POLICIES, SERVERLESS_VLLM, SINGLE_WORKER, Policy
 from services.scheduler.state import ClusterState, Fetch, ModelSpec, ModelTimings, NodeState
-from tests.policy_timeline import run_balanced
+from tests.policy_timeline import GB, GBPS, cluster, node_state, run_balanced
 
 pytestmark = pytest.mark.unit
 
-GB = 10**9
-GBPS = 10**9 // 8  # bytes per second in one gigabit per second
 
 # The published reference case: 13 GB of weights, a 7.5 s TTFT SLO, 16 Gbps NICs (2 GB/s),
 # and the cost model's defaults: start-up 2 s, prefill 0.25 s, TPOT 30 ms, 2 ms a hop.
@@ -44,17 +42,6 @@ LLAMA = ModelSpec(name="llama", size_bytes=13 * GB, num_layers=32, kv_cache_byte
                   stage_bytes={2: (6_600_000_000, 6_400_000_000)})
 FULL = 14 * GB  # weights + KV cache: the full-size worker
 HALF = 7 * GB  # ceil(14 GB / 2): a partial worker of a degree-2 pipeline
-
-
-def node_state(node_id: str, gpu_gb: int, *, nic_gbps: int = 16,
-               fetches: tuple[Fetch, ...] = ()) -> NodeState:
-    return NodeState(node_id=node_id, gpu_type="A10", gpu_memory_bytes=gpu_gb * GB,
-                     free_gpu_memory_bytes=gpu_gb * GB, nic_bandwidth_bytes_per_s=nic_gbps * GBPS,
-                     state=NodeStatus.UP, last_heartbeat=0.0, fetches=fetches)
-
-
-def cluster(models: Sequence[ModelSpec], nodes: Sequence[NodeState]) -> ClusterState:
-    return ClusterState(models={m.name: m for m in models}, nodes={n.node_id: n for n in nodes})
 
 
 def place(worker_id: int, node_id: str, *, degree: int, stage: int, layers: tuple[int, int],
