@@ -54,6 +54,10 @@ def add_events_parser(commands: SubParsers) -> argparse.ArgumentParser:
                         help="the scheduler's tick period in seconds (default: %(default)s)")
     replay.add_argument("--heartbeat-timeout", type=float, default=15.0,
                         help="the scheduler's --heartbeat-timeout (default: %(default)s)")
+    replay.add_argument("--max-endpoints", type=int, default=4,
+                        help="the scheduler's --max-endpoints (default: %(default)s)")
+    replay.add_argument("--capacity", type=int, default=8,
+                        help="the workers' HYDRASERVE_WORKER__CAPACITY (default: %(default)s)")
     replay.add_argument("--since", help="start this long ago: 30s, 10m, 2h, 1d")
     replay.add_argument("--model", help="compare only the decisions about this model")
     return events

@@ -146,7 +146,8 @@ def replay_events(args: argparse.Namespace, out: TextIO) -> int:
     from hydraserve.replay import build_policy, replay
 
     chosen = build_policy(args.policy, degree=args.degree,
-                          heartbeat_timeout_s=args.heartbeat_timeout)
+                          heartbeat_timeout_s=args.heartbeat_timeout,
+                          max_endpoints=args.max_endpoints, capacity=args.capacity)
     events = asyncio.run(collect(args.nats, EventFilter(since=_since(args))))
     result = replay(events, chosen, tick_s=args.tick, model=args.model)
     for line in result.format():

@@ -109,13 +109,16 @@ class ReplayResult:
         return lines + [f"note: {note}" for note in self.notes]
 
 
-def build_policy(name: str, *, degree: int | None = None,
-                 heartbeat_timeout_s: float = 15.0) -> Policy:
-    """The policy the scheduler runs with `--policy name [--degree N]` (its `__main__`)."""
+def build_policy(name: str, *, degree: int | None = None, heartbeat_timeout_s: float = 15.0,
+                 max_endpoints: int = 4, capacity: int = 8) -> Policy:
+    """The policy the scheduler runs with `--policy name [--degree N] [--max-endpoints N]`
+    and workers of `capacity` (its `__main__`)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; one of {', '.join(sorted(POLICIES))}")
     chosen = dataclasses.replace(
-        POLICIES[name], config=PolicyConfig(heartbeat_timeout_s=heartbeat_timeout_s))
+        POLICIES[name], scale_out=max_endpoints > 1,
+        config=PolicyConfig(heartbeat_timeout_s=heartbeat_timeout_s, endpoint_capacity=capacity,
+                            max_endpoints_per_model=max_endpoints))
     if degree is not None:
         if name != "hydraserve":
             raise ValueError("--degree goes with --policy hydraserve")

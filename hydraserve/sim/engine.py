@@ -10,6 +10,7 @@ ready endpoints take queued requests (`hydraserve.sim.serving`). See docs/SIMULA
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -48,7 +49,7 @@ from services.scheduler.events import (
     WorkerStopped,
 )
 from services.scheduler.eviction import reclaimable_bytes
-from services.scheduler.policy import POLICIES, Policy
+from services.scheduler.policy import POLICIES, Policy, endpoints_to_scale_in
 from services.scheduler.state import ClusterState
 
 
@@ -114,7 +115,9 @@ def simulate(requests: Sequence[WorkloadRequest], *, policy: str, cluster: Clust
 class Simulator:
     def __init__(self, requests: Sequence[WorkloadRequest], *, policy: Policy, cluster: Cluster,
                  config: SimConfig, size_classes: Mapping[str, SizeClass] = SIZE_CLASSES) -> None:
-        self.policy = policy
+        # the policy's endpoints run as many requests at once as the simulated ones
+        self.policy = replace(policy, config=replace(policy.config,
+                                                     endpoint_capacity=config.max_batch))
         self.cluster = cluster
         self.config = config
         self.state = ClusterState()
@@ -213,6 +216,9 @@ class Simulator:
             if (endpoint.model not in busy and self.now - endpoint.last_request_at
                     >= self._models[endpoint.model].keep_alive_s):
                 return False
+        if self.policy.scale_out and endpoints_to_scale_in(
+                state, self.now, default_capacity=self.policy.config.endpoint_capacity):
+            return False
         waiting = {r.model for r in state.requests.values() if r.worker_id is None} - live
         # with eviction a cold start can also use what stopping workers and idle endpoints hold
         reclaimable = reclaimable_bytes(state) if waiting and self.policy.evict_idle else {}
@@ -238,7 +244,13 @@ class Simulator:
                 worker = self._workers[worker_id]
                 worker.is_stopping = True
                 self._cancel_fetch(worker)
-                self.at(self.now + self.config.stop_delay_s, self._on_stopped, worker)
+                stop = functools.partial(self._stop_after_delay, worker)
+                endpoint = self.state.endpoints.get(worker.endpoint_id)
+                if endpoint is not None and endpoint.is_live:
+                    stop()  # a consolidated pipeline's partial worker: its requests moved
+                else:
+                    # scaled in or to zero: it drains, stopping once its requests are done
+                    self.serving.when_drained(worker.endpoint_id, stop)
             case RequeueRequests(request_ids=request_ids):
                 self.serving.requeue(request_ids)
             case AnnouncePipeline() | MarkNodeDown():
@@ -351,6 +363,9 @@ class Simulator:
             return
         self.serving.consolidated(worker)
         self.feed(WorkerConsolidated(worker.worker_id))
+
+    def _stop_after_delay(self, worker: SimWorker) -> None:
+        self.at(self.now + self.config.stop_delay_s, self._on_stopped, worker)
 
     def _on_stopped(self, worker: SimWorker) -> None:
         worker.stopped_at = self.now

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,6 +84,8 @@ class Endpoint:
     workers: list[SimWorker] = field(default_factory=list)
     is_consolidated: bool = False
     active: dict[str, _Active] = field(default_factory=dict)
+    # run once `active` is empty (workers told to stop, draining)
+    on_drained: list[Callable[[], None]] = field(default_factory=list)
 
     def head(self) -> SimWorker:
         return min(self.workers, key=lambda w: w.stage)
@@ -193,6 +195,14 @@ class Serving:
             self._sim.at(active.finish_at(), self._on_finish, endpoint, active,
                          active.generation)
 
+    def when_drained(self, endpoint_id: int, callback: Callable[[], None]) -> None:
+        """Call `callback` once the endpoint runs no request (now, if it runs none)."""
+        endpoint = self.endpoints.get(endpoint_id)
+        if endpoint is None or not endpoint.active:
+            callback()
+        else:
+            endpoint.on_drained.append(callback)
+
     def worker_stopped(self, worker: SimWorker) -> None:
         endpoint = self.endpoints.get(worker.endpoint_id)
         if endpoint is not None and all(w.stopped_at is not None for w in endpoint.workers):
@@ -205,6 +215,10 @@ class Serving:
             return
         del endpoint.active[request.request_id]
         del self._where[request.request_id]
+        if not endpoint.active:
+            callbacks, endpoint.on_drained = endpoint.on_drained, []
+            for callback in callbacks:
+                callback()
         now = self._sim.now
         num_after_first = request.output_tokens - 1
         tpot_s = (now - active.first_token_at) / num_after_first if num_after_first else None

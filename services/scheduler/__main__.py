@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-evict", dest="evict", action="store_false",
                         help="a cold start with no GPU memory waits for idle endpoints' "
                              "keep-alive instead of stopping them")
+    parser.add_argument("--max-endpoints", type=int, default=PolicyConfig.max_endpoints_per_model,
+                        help="endpoints one model may scale out to while its queued requests "
+                             "outnumber its free slots (each endpoint runs "
+                             "HYDRASERVE_WORKER__CAPACITY requests); 1: never scale out "
+                             "(default %(default)s)")
     parser.add_argument("--register-model", action="append", default=[], metavar="NAME",
                         help="register (or update) a model imported into the store")
     parser.add_argument("--keep-alive", type=float, default=60.0,
@@ -84,8 +89,14 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nats_settings = settings.nats.model_copy(update={"url": args.nats} if args.nats else {})
+    if args.max_endpoints < 1:
+        logger.error("--max-endpoints must be at least 1")
+        return 2
     policy = dataclasses.replace(
-        POLICIES[args.policy], config=PolicyConfig(heartbeat_timeout_s=args.heartbeat_timeout))
+        POLICIES[args.policy], scale_out=args.max_endpoints > 1,
+        config=PolicyConfig(heartbeat_timeout_s=args.heartbeat_timeout,
+                            endpoint_capacity=settings.worker.capacity,
+                            max_endpoints_per_model=args.max_endpoints))
     if args.degree is not None:
         if args.policy != "hydraserve":
             logger.error("--degree goes with --policy hydraserve")

@@ -65,7 +65,8 @@ def to_policy_event(event: Event) -> policy.Event | None:
     if kind == EventKind.REQUEST_FIRST_TOKEN and event.request_id:
         return policy.RequestStarted(event.request_id, worker_id)
     if kind == EventKind.WORKER_READY:
-        return policy.WorkerReady(worker_id, startup_s=_startup_s(event.data))
+        return policy.WorkerReady(worker_id, startup_s=_startup_s(event.data),
+                                  capacity=_capacity(event.data))
     if kind == EventKind.WORKER_CONSOLIDATED:
         return policy.WorkerConsolidated(worker_id)
     if kind == EventKind.WORKER_STOPPED:
@@ -158,6 +159,12 @@ def model_spec_of(event: Event) -> ModelSpec | None:
                          for d, b in data.get("stage_bytes", {}).items()})
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def _capacity(data: dict[str, Any]) -> int | None:
+    """The requests the worker runs at once, as it reported them; None if it did not."""
+    capacity = data.get("capacity")
+    return capacity if isinstance(capacity, int) and capacity >= 1 else None
 
 
 def _startup_s(data: dict[str, Any]) -> float | None:

@@ -48,6 +48,8 @@ class WorkerReady:
     worker_id: int
     # seconds from the worker's process start to ready (its own phases); None: not reported
     startup_s: float | None = None
+    # requests it runs at once (its `capacity`); None: not reported
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)

@@ -88,14 +88,16 @@ class MemoryBook:
         """The policy placed workers: the book follows the draft's nodes."""
         self._nodes = nodes
 
-    def make_room(self, place_on: PlaceOn, *, worker_bytes: int) -> Room:
+    def make_room(self, place_on: PlaceOn, *, worker_bytes: int, may_wait: bool = True) -> Room:
         """`worker_bytes`: the whole-model worker every placer needs one node to hold (stage
-        0 is full size); views where no node has that much are not worth a placer call."""
+        0 is full size); views where no node has that much are not worth a placer call.
+        `may_wait` False (a scale-out): place now or not at all, claiming and stopping
+        nothing."""
         attempt = functools.partial(self._attempt, place_on, worker_bytes=worker_bytes)
         plans = attempt(now=True)
         if plans is not None:
             return Room(plans, is_now=True)
-        if not self._may_evict:
+        if not self._may_evict or not may_wait:
             # the placer sees the nodes as they are: a cold start waits for keep-alive
             return Room(None)
         plans = attempt(now=False)

@@ -24,6 +24,8 @@ is a moving average (`PolicyConfig.ema_weight`).
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
@@ -76,6 +78,14 @@ class PolicyConfig:
     heartbeat_timeout_s: float = 15.0
     # weight of a new measurement in the calibration's moving averages
     ema_weight: float = 0.3
+    # requests one endpoint runs at once (its workers' `capacity`, HYDRASERVE_WORKER__CAPACITY)
+    endpoint_capacity: int = 8
+    # live endpoints one model may have at once when it scales out
+    max_endpoints_per_model: int = 4
+
+    def __post_init__(self) -> None:
+        if self.endpoint_capacity < 1 or self.max_endpoints_per_model < 1:
+            raise ValueError("endpoint_capacity and max_endpoints_per_model must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,11 @@ class Policy:
     # cold starts that can still meet their TTFT SLO go first, earliest deadline first, then
     # the late ones, oldest first; False: oldest first
     deadline_order: bool = True
+    # a model whose queued requests outnumber the free slots of its live endpoints gets
+    # another endpoint (up to `max_endpoints_per_model`, never by evicting); an extra
+    # endpoint its load has not needed for keep-alive is stopped (it drains). False: one
+    # endpoint per model
+    scale_out: bool = True
 
     def decide(self, state: ClusterState, event: Event,
                now: float) -> tuple[ClusterState, list[Command]]:
@@ -102,12 +117,13 @@ class Policy:
             case ModelRegistered(model=model):
                 draft.models[model.name] = model
             case RequestArrived():
-                _on_request_arrived(draft, event, now)
+                _on_request_arrived(draft, event, now,
+                                    default_capacity=self.config.endpoint_capacity)
             case RequestStarted():
                 _on_request_started(draft, event)
             case RequestDone():
                 self._calibrate_request(draft, event)
-                _on_request_done(draft, event, now)
+                _on_request_done(draft, event, now, default_capacity=self.config.endpoint_capacity)
             case WorkerReady():
                 self._on_worker_ready(draft, event, now)
             case WorkerConsolidated():
@@ -134,6 +150,10 @@ class Policy:
             if (endpoint.is_live and is_idle
                     and now - endpoint.last_request_at >= model.keep_alive_s):
                 _scale_to_zero(draft, endpoint)
+        if self.scale_out:
+            for endpoint in endpoints_to_scale_in(
+                    draft, now, default_capacity=self.config.endpoint_capacity):
+                _scale_to_zero(draft, endpoint)
 
     def _on_worker_ready(self, draft: Draft, event: WorkerReady, now: float) -> None:
         worker = draft.workers.get(event.worker_id)
@@ -141,7 +161,8 @@ class Policy:
             return
         if event.startup_s is not None:
             self._calibrate_startup(draft, worker, event.startup_s)
-        draft.workers[worker.worker_id] = replace(worker, state=WorkerStatus.READY, ready_at=now)
+        draft.workers[worker.worker_id] = replace(worker, state=WorkerStatus.READY, ready_at=now,
+                                                  capacity=event.capacity)
         draft.end_fetch(worker)
         endpoint = draft.endpoints[worker.endpoint_id]
         siblings = draft.workers_of(endpoint.endpoint_id)
@@ -206,39 +227,162 @@ class Policy:
 
     def _place_queued(self, draft: Draft, now: float) -> None:
         """Cold-start every model with queued requests and no live endpoint, in `_queue_key`
-        order; with `evict_idle`, stop idle endpoints for the ones that find no room."""
+        order; with `evict_idle`, stop idle endpoints for the ones that find no room. Then,
+        with `scale_out`, give another endpoint to each model whose queued requests outnumber
+        its live endpoints' free slots, where one fits without evicting."""
         oldest: dict[str, float] = {}
         for request in draft.requests.values():
             if request.worker_id is None:
                 oldest[request.model] = min(request.arrived_at,
                                             oldest.get(request.model, request.arrived_at))
         live_models = {e.model for e in draft.endpoints.values() if e.is_live}
+        cold = sorted(oldest.keys() - live_models,
+                      key=lambda m: self._queue_key(draft.models[m], oldest[m], now))
         book: MemoryBook | None = None
-        for name in sorted(oldest.keys() - live_models,
-                           key=lambda m: self._queue_key(draft.models[m], oldest[m], now)):
-            model = draft.models[name]
-            inputs = self.cold_start_inputs(draft.calibration, name,
-                                            queue_wait_s=max(0.0, now - oldest[name]))
+        is_cold_start_waiting = False
+        for name in cold:
             if book is None:
                 book = MemoryBook(draft.freeze(), may_evict=self.evict_idle)
-            room = book.make_room(
-                functools.partial(self.placer, model=model, now=now, inputs=inputs),
-                worker_bytes=worker_gpu_bytes(size_bytes=model.size_bytes,
-                                              kv_cache_bytes=model.kv_cache_bytes, degree=1,
-                                              is_full_size=True))
-            for victim in room.victims:
-                _scale_to_zero(draft, draft.endpoints[victim.endpoint_id])
-            if room.is_now and room.plans is not None:
-                _start_endpoint(draft, model, room.plans, now, overlap=self.overlap)
-                book.update(draft.nodes.view)
+            is_cold_start_waiting |= not self._place(draft, book, name, now,
+                                                     queued_since=oldest[name])
+        # Scale-outs take only what no cold start wants: none waits and no fetch is in
+        # flight anywhere (a fetch shares its node's NIC and its storage node's egress, the
+        # one the policy cannot see). Requests of a model with an endpoint get a slot there
+        # sooner or later; a cold start's requests have nowhere else to go.
+        if (not self.scale_out or is_cold_start_waiting
+                or any(node.fetches for node in draft.nodes.values())):
+            return
+        for name in sorted(_models_to_scale_out(draft, self.config, oldest.keys() & live_models),
+                           key=lambda m: self._queue_key(draft.models[m], oldest[m], now)):
+            if book is None:
+                book = MemoryBook(draft.freeze(), may_evict=self.evict_idle)
+            self._place(draft, book, name, now, queued_since=oldest[name], is_scale_out=True)
+
+    def _place(self, draft: Draft, book: MemoryBook, name: str, now: float, *,
+               queued_since: float, is_scale_out: bool = False) -> bool:
+        """Start an endpoint of `name` now if there is room (stopping victims for a cold
+        start, never for a scale-out); whether it started."""
+        model = draft.models[name]
+        inputs = self.cold_start_inputs(draft.calibration, name,
+                                        queue_wait_s=max(0.0, now - queued_since))
+        room = book.make_room(
+            functools.partial(self.placer, model=model, now=now, inputs=inputs),
+            worker_bytes=worker_gpu_bytes(size_bytes=model.size_bytes,
+                                          kv_cache_bytes=model.kv_cache_bytes, degree=1,
+                                          is_full_size=True),
+            may_wait=not is_scale_out)
+        for victim in room.victims:
+            _scale_to_zero(draft, draft.endpoints[victim.endpoint_id])
+        if not room.is_now or room.plans is None:
+            return False
+        _start_endpoint(draft, model, room.plans, now, overlap=self.overlap,
+                        is_scale_out=is_scale_out)
+        book.update(draft.nodes.view)
+        return True
 
 
-def _on_request_arrived(draft: Draft, event: RequestArrived, now: float) -> None:
+def _models_to_scale_out(draft: Draft, config: PolicyConfig, models: Iterable[str]) -> list[str]:
+    """Of `models` (each with queued requests and a live endpoint), those whose endpoints
+    are all READY, whose queued requests outnumber the free slots of those endpoints, and
+    that have fewer than `max_endpoints_per_model` of them."""
+    wanted = set(models)
+    if not wanted:
+        return []
+    capacities = endpoint_capacities(draft, default=config.endpoint_capacity)
+    endpoints: dict[str, list[int]] = {m: [] for m in wanted}
+    for endpoint in draft.endpoints.values():
+        if endpoint.model in wanted and endpoint.is_live:
+            endpoints[endpoint.model].append(endpoint.endpoint_id)
+    live = {e for ids in endpoints.values() for e in ids}
+    queued = dict.fromkeys(wanted, 0)
+    running = dict.fromkeys(wanted, 0)
+    for request in draft.requests.values():
+        if request.model not in wanted:
+            continue
+        if request.worker_id is None:
+            queued[request.model] += 1
+        else:
+            worker = draft.workers.get(request.worker_id)
+            if worker is not None and worker.endpoint_id in live:
+                running[request.model] += 1
+    starting = {e.model for e in draft.endpoints.values()
+                if e.model in wanted and e.is_live and e.state is not EndpointStatus.READY}
+    return [m for m in wanted
+            if m not in starting and len(endpoints[m]) < config.max_endpoints_per_model
+            and queued[m] > sum(capacities[e] for e in endpoints[m]) - running[m]]
+
+
+def endpoint_capacities(state: ClusterState | Draft, *, default: int) -> dict[int, int]:
+    """Endpoint id -> requests it runs at once: what its stage-0 worker reported when it got
+    ready, else `default` (a starting worker; a state rebuilt from Postgres)."""
+    return {w.endpoint_id: w.capacity or default for w in state.workers.values()
+            if w.stage == 0}
+
+
+def _needed(endpoints: list[EndpointState], demand: int,
+            capacities: Mapping[int, int]) -> list[bool]:
+    """For a model's live endpoints, oldest first: whether each is needed, i.e. the oldest,
+    or the model has more requests (`demand`, queued or running) than the ones before it
+    run at once."""
+    needed, before = [], 0
+    for endpoint in endpoints:
+        needed.append(not needed or demand > before)
+        before += capacities.get(endpoint.endpoint_id, 0)
+    return needed
+
+
+def endpoints_to_scale_in(state: ClusterState | Draft, now: float, *,
+                          default_capacity: int) -> list[EndpointState]:
+    """The endpoints to stop because their model has more than its requests need.
+
+    A model's endpoint after its oldest is needed while the model has more requests, queued
+    or running, than the endpoints before it run at once (`_needed`, with each endpoint's
+    capacity); `_touch_endpoints` restarts its keep-alive clock only then. Each endpoint
+    not needed now that is READY and whose clock ran out is one too
+    many; as many of the model's READY endpoints are stopped, those running the fewest
+    requests first (the newest on a tie), so an idle one goes before a busy one drains."""
+    demand: dict[str, int] = {}
+    for request in state.requests.values():
+        demand[request.model] = demand.get(request.model, 0) + 1
+    live: dict[str, list[EndpointState]] = {}
+    for endpoint in sorted(state.endpoints.values(), key=lambda e: e.endpoint_id):
+        if endpoint.is_live:
+            live.setdefault(endpoint.model, []).append(endpoint)
+    surplus: dict[str, int] = {}
+    capacities: dict[int, int] | None = None
+    for model, endpoints in live.items():
+        if len(endpoints) < 2:
+            continue
+        if capacities is None:
+            capacities = endpoint_capacities(state, default=default_capacity)
+        keep_alive_s = state.models[model].keep_alive_s
+        surplus[model] = sum(
+            1 for e, is_needed in zip(endpoints, _needed(endpoints, demand.get(model, 0),
+                                                         capacities), strict=True)
+            if not is_needed and e.state is EndpointStatus.READY
+            and now - e.last_request_at >= keep_alive_s)
+    if not any(surplus.values()):
+        return []
+    running: dict[int, int] = {}
+    for request in state.requests.values():
+        worker = None if request.worker_id is None else state.workers.get(request.worker_id)
+        if worker is not None:
+            running[worker.endpoint_id] = running.get(worker.endpoint_id, 0) + 1
+    due = []
+    for model, count in sorted(surplus.items()):
+        ready = [e for e in live[model] if e.state is EndpointStatus.READY]
+        ready.sort(key=lambda e: (running.get(e.endpoint_id, 0), -e.endpoint_id))
+        due += ready[:count]
+    return sorted(due, key=lambda e: e.endpoint_id)
+
+
+def _on_request_arrived(draft: Draft, event: RequestArrived, now: float, *,
+                        default_capacity: int) -> None:
     # Unknown models are the gateway's to refuse; a redelivered arrival changes nothing.
     if event.model not in draft.models or event.request_id in draft.requests:
         return
     draft.requests[event.request_id] = Request(event.request_id, event.model, arrived_at=now)
-    _touch_endpoints(draft, event.model, now)
+    _touch_endpoints(draft, event.model, now, default_capacity=default_capacity)
 
 
 def _on_request_started(draft: Draft, event: RequestStarted) -> None:
@@ -248,9 +392,11 @@ def _on_request_started(draft: Draft, event: RequestStarted) -> None:
         draft.requests[request.request_id] = replace(request, worker_id=worker.worker_id)
 
 
-def _on_request_done(draft: Draft, event: RequestDone, now: float) -> None:
+def _on_request_done(draft: Draft, event: RequestDone, now: float, *,
+                     default_capacity: int) -> None:
     if event.request_id in draft.requests:
-        _touch_endpoints(draft, draft.requests.pop(event.request_id).model, now)
+        _touch_endpoints(draft, draft.requests.pop(event.request_id).model, now,
+                         default_capacity=default_capacity)
 
 
 def _measured_or(measured: float | None, default: float) -> float:
@@ -375,14 +521,26 @@ def _retire_if_empty(draft: Draft, endpoint_id: int) -> None:
         draft.endpoints.pop(endpoint_id)
 
 
-def _touch_endpoints(draft: Draft, model: str, now: float) -> None:
-    for endpoint in list(draft.endpoints.values()):
-        if endpoint.model == model and endpoint.is_live:
+def _touch_endpoints(draft: Draft, model: str, now: float, *, default_capacity: int) -> None:
+    """Restart the keep-alive clock of the model's live endpoints that its requests (queued
+    or running) need (`_needed`): the oldest always, a later one only while the ones before
+    it cannot run them all (so an extra endpoint's clock runs out once its load has gone)."""
+    live = sorted((e for e in draft.endpoints.values() if e.model == model and e.is_live),
+                  key=lambda e: e.endpoint_id)
+    if len(live) > 1:
+        demand = sum(1 for r in draft.requests.values() if r.model == model)
+        needed = _needed(live, demand, endpoint_capacities(draft, default=default_capacity))
+    else:
+        needed = [True] * len(live)
+    for endpoint, is_needed in zip(live, needed, strict=True):
+        if is_needed:
             draft.endpoints[endpoint.endpoint_id] = replace(endpoint, last_request_at=now)
 
 
 def _start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...],
-                    now: float, *, overlap: bool) -> None:
+                    now: float, *, overlap: bool, is_scale_out: bool = False) -> None:
+    """A scale-out's fetches carry no deadline: they are extra capacity, so they never make
+    a node unavailable to a cold start (whose requests have nowhere else to go)."""
     endpoint_id = draft.new_endpoint_id()
     draft.endpoints[endpoint_id] = EndpointState(
         endpoint_id=endpoint_id, model=model.name, state=EndpointStatus.STARTING,
@@ -397,7 +555,7 @@ def _start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...
         # the bytes must be in by the time the SLO allows for the first token
         fetch = Fetch(worker_id=worker_id, num_bytes=plan.fetch_bytes,
                       bandwidth_bytes_per_s=plan.fetch_bandwidth_bytes_per_s, started_at=now,
-                      deadline=now + model.ttft_slo_s)
+                      deadline=math.inf if is_scale_out else now + model.ttft_slo_s)
         draft.add_worker(worker, fetch)
         draft.commands.append(PlaceWorker(
             worker_id=worker_id, endpoint_id=endpoint_id, node_id=plan.node_id,

@@ -145,6 +145,8 @@ class WorkerState:
     state: WorkerStatus
     created_at: float
     ready_at: float | None = None
+    # requests it runs at once, as its WorkerReady reported; None: not known (yet)
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ backlog after `load()`. Times round-trip through `timestamptz`, i.e. to the micr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -157,10 +158,12 @@ def _worker_state(row: Worker, model: str) -> WorkerState:
 
 
 def _fetch(row: Worker) -> Fetch:
-    assert row.fetch_bytes is not None and row.fetch_deadline is not None, row.id
+    assert row.fetch_bytes is not None, row.id
+    # no deadline stored: a scale-out's fetch, which has none
+    deadline = math.inf if row.fetch_deadline is None else _seconds(row.fetch_deadline)
     return Fetch(worker_id=row.id, num_bytes=row.fetch_bytes,
                  bandwidth_bytes_per_s=row.fetch_bandwidth_bytes_per_s or 0.0,
-                 started_at=_seconds(row.created_at), deadline=_seconds(row.fetch_deadline))
+                 started_at=_seconds(row.created_at), deadline=deadline)
 
 
 def _node_row(node: NodeState) -> dict[str, Any]:
@@ -186,6 +189,7 @@ def _worker_row(worker: WorkerState, state: ClusterState) -> dict[str, Any]:
             "is_full_size": worker.is_full_size, "state": worker.state,
             "fetch_bytes": None if fetch is None else fetch.num_bytes,
             "fetch_bandwidth_bytes_per_s": None if fetch is None else fetch.bandwidth_bytes_per_s,
-            "fetch_deadline": None if fetch is None else _datetime(fetch.deadline),
+            "fetch_deadline": (None if fetch is None or math.isinf(fetch.deadline)
+                               else _datetime(fetch.deadline)),
             "created_at": _datetime(worker.created_at),
             "ready_at": _datetime(worker.ready_at)}

@@ -27,6 +27,7 @@ from services.scheduler.events import (
     NodeHeartbeat,
     RequestArrived,
     RequestDone,
+    RequestStarted,
     StopWorker,
     Tick,
     WorkerReady,
@@ -139,6 +140,25 @@ async def test_decisions_applied_to_the_store_reload_as_the_same_state(engine: A
     assert (second_loaded.nodes["b"].state, second_loaded.nodes["a"].fetches,
             [(e.endpoint_id, e.state) for e in second_loaded.endpoints.values()]) == (
         NodeStatus.DOWN, (), [(1, EndpointStatus.DRAINING), (3, EndpointStatus.DRAINING)])
+
+
+async def test_a_scale_outs_fetch_without_a_deadline_reloads_as_one(engine: AsyncEngine) -> None:
+    await _add_models(engine, "llama")
+    store = StateStore(create_sessionmaker(engine))
+    async with asyncio.timeout(TIMEOUT_S):
+        state, commands = await _drive(store, await store.load(), [
+            (0.0, _heartbeat("a", 40)), (1.0, RequestArrived("r1", "llama")),
+            (3.0, WorkerReady(1, capacity=1)), (3.0, RequestStarted("r1", 1)),
+            (4.0, RequestArrived("r2", "llama")),
+        ])
+        reloaded = await store.load()
+
+    # r2 outnumbers worker 1's one slot: worker 2 scales out, its fetch with no deadline
+    assert [c.worker_id for c in commands] == [1, 2]
+    assert [(f.worker_id, f.deadline) for f in state.nodes["a"].fetches] == [(2, float("inf"))]
+    assert reloaded.nodes == state.nodes
+    # the reported capacity is not stored: a restarted scheduler assumes the default
+    assert (state.workers[1].capacity, reloaded.workers[1].capacity) == (1, None)
 
 
 async def test_a_restarted_scheduler_sees_the_same_endpoints_workers_and_next_ids(

@@ -136,6 +136,45 @@ def test_a_cold_start_with_no_room_evicts_the_idle_worker_instead_of_waiting_for
     assert [r.ttft_s for r in waiting[0]] == pytest.approx([2.5, 64.1 + 2.5 - 10.0])
 
 
+def test_a_request_past_the_ready_endpoints_slots_scales_out_and_the_extra_one_scales_in(
+) -> None:
+    # endpoints of 1 slot on 2 servers; r1 (100 tokens after the first) and r2 at once
+    burst = [request("r1", 0.0, output_tokens=101), request("r2", 0.0)]
+    two = cluster(num_servers=2)
+    scaled = run(burst, "single_worker", cluster_=two, max_batch=1, keep_alive_s=10.0,
+                 tick_s=0.5)
+    one = Simulator(burst, policy=replace(sim_policy("single_worker"), scale_out=False),
+                    cluster=two, config=SimConfig(max_batch=1, keep_alive_s=10.0, tick_s=0.5),
+                    size_classes=CLASSES).run()
+
+    # endpoint 1 is ready at 2 s (fetch 2 s) and takes r1; r2 scales out then: a second
+    # 2 s cold start, first token at 4.5 s
+    assert [r.ttft_s for r in scaled.results] == pytest.approx([2.5, 4.5])
+    # one endpoint: r2 waits for r1's 100 tokens, done at 12.5 s
+    assert [r.ttft_s for r in one[0]] == pytest.approx([2.5, 13.0])
+    # the extra endpoint's clock stopped at its placement (2 s): scaled in on the tick at
+    # 12 s; the first keeps the model's keep-alive (r1 done at 12.5 s): 22.5 s
+    assert [(w.node_id, w.start_s, w.end_s) for w in scaled.workers] == [
+        ("0.s0", 0.0, pytest.approx(22.6)), ("0.s1", 2.0, pytest.approx(12.1))]
+
+
+def test_a_scaled_in_endpoint_finishes_the_request_it_runs_before_it_stops() -> None:
+    # 2 slots an endpoint: r1 and r2 on endpoint 1 at 2 s, r3 on the one scaled out then
+    # (ready at 4 s); r1 is done at 4.5 s, and 2 requests fit one endpoint: on the tick at
+    # 4.5 s each runs one request, so the newer goes, draining r3 (done at 4.5 + 10 s)
+    burst = [request("r1", 0.0, output_tokens=21), request("r2", 0.0, output_tokens=201),
+             request("r3", 0.0, output_tokens=101)]
+    result = run(burst, "single_worker", cluster_=cluster(num_servers=2), max_batch=2,
+                 keep_alive_s=1.0, tick_s=0.5)
+
+    assert [(r.status, r.output_tokens) for r in result.results] == [
+        ("ok", 21), ("ok", 201), ("ok", 101)]
+    assert [r.ttft_s for r in result.results] == pytest.approx([2.5, 2.5, 4.5])
+    assert result.results[2].tpot_s == pytest.approx(0.1)
+    # stopped 0.1 s after r3's last token; the first endpoint at r2's end (22.5 s) + 1 s
+    assert [w.end_s for w in result.workers] == pytest.approx([23.6, 14.6])
+
+
 def test_the_equal_popularity_workload_is_unchanged_and_zipf_ranks_models_at_random() -> None:
     equal = published_workload(rate=0.7, cv=2.0, duration_s=600.0, seed=3)
     also_equal = published_workload(rate=0.7, cv=2.0, duration_s=600.0, seed=3, zipf_s=0.0)

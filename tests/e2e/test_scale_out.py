@@ -1,0 +1,82 @@
+"""Scale-out end to end: workers of one slot (`--capacity=1`), two requests at once through
+the gateway with the `openai` client. The scheduler cold-starts one endpoint; when it is ready
+with two requests for its one slot (its `worker.ready` reports the capacity), it places a
+second endpoint of the same model. Both answers are the greedy ones; the extra endpoint is
+scaled in first, then the model scales to zero. Real NATS, PostgreSQL and processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import openai
+import pytest
+
+from libs.common.messages import EventKind
+from tests.conftest import temporary_database
+from tests.e2e.cluster import ColdStack, cluster, kinds, wait_for_events
+from tests.e2e.conftest import USER_KEY
+
+if TYPE_CHECKING:
+    from services.worker.engine.engine import LLMEngine
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "Once upon a time"
+MAX_TOKENS = 48
+KEEP_ALIVE_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def scale_stack(nats_url: str, database_url: str, demo_model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ColdStack]:
+    with temporary_database(database_url, "hs_scale") as url, cluster(
+            nats_url=nats_url, database_url=url, model_dir=demo_model_dir,
+            workspace=tmp_path_factory.mktemp("scale"), name="demo-scale",
+            scheduler_args=["--keep-alive", str(KEEP_ALIVE_S), "--max-endpoints", "2"],
+            worker_args=("--capacity=1",)) as stack:
+        yield stack
+
+
+def expected_text(engine: LLMEngine) -> str:
+    from services.worker.engine.sequence import SamplingParams
+
+    engine.add_request("reference", PROMPT, SamplingParams(max_tokens=MAX_TOKENS,
+                                                           temperature=0.0))
+    text = ""
+    while engine.has_unfinished():
+        text += "".join(out.text for out in engine.step())
+    return text
+
+
+def test_two_requests_for_a_one_slot_endpoint_scale_out_then_the_extra_endpoint_scales_in(
+    scale_stack: ColdStack, reference_engine: LLMEngine,
+) -> None:
+    client = openai.OpenAI(base_url=f"{scale_stack.base_url}/v1", api_key=USER_KEY,
+                           max_retries=0, timeout=120)
+
+    def stream() -> str:
+        chunks = client.completions.create(model=scale_stack.model, prompt=PROMPT,
+                                           max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        return "".join(chunk.choices[0].text for chunk in chunks)
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: stream(), range(2)))
+
+    assert answers == [expected_text(reference_engine)] * 2
+    events = wait_for_events(scale_stack, lambda es: len(kinds(
+        es, EventKind.WORKER_STOPPED, by="node_agent")) == 2)
+    first, extra = kinds(events, EventKind.WORKER_PLACED)
+    assert first.endpoint_id != extra.endpoint_id
+    # the second endpoint came when the first was ready with its one slot
+    ready = next(e for e in kinds(events, EventKind.WORKER_READY)
+                 if e.worker_id == first.worker_id)
+    assert ready.data["capacity"] == 1
+    assert extra.time >= ready.time
+    # the extra endpoint goes first (the model's requests no longer need it), then the model
+    # scales to zero after its keep-alive
+    stops = [e.worker_id for e in kinds(events, EventKind.WORKER_STOP_REQUESTED)]
+    assert stops == [extra.worker_id, first.worker_id]
+    assert len(kinds(events, EventKind.REQUEST_DONE)) == 2
