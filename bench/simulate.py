@@ -5,10 +5,11 @@
 0.7 and 0.8 requests/s for an hour (`--quick`: 10 minutes), with equally popular models and
 with Zipf popularity (`--zipf-s`). Every policy of the scheduler (`serverless_vllm`,
 `single_worker`, `hydraserve`, and `hydraserve` with the host-memory cache) replays the same
-workloads, as it runs live: idle endpoints are evicted for cold starts, and cold starts that
-can still meet their SLO go first. The ablation columns switch off the deadline order
-(`-deadline`), then eviction too (`-both`: the policies as they were before either). The
-tables are printed next to the published ranges, with each run's wall time.
+workloads, as it runs live: idle endpoints are evicted for cold starts (A), cold starts that
+can still meet their SLO go first (B), and a model whose requests outnumber its endpoints'
+slots scales out (C). The ablation columns switch off scale-out (`-scale`), then all three
+(`-none`: the policies as they were before any). The tables are printed next to the
+published ranges, with each run's wall time.
 
     .venv/bin/python bench/simulate.py [--quick] [--zipf-s 0 1] [--columns ...] [--out-dir DIR]
 
@@ -39,18 +40,24 @@ class Column:
     has_cache: bool = False
     evict_idle: bool = True
     deadline_order: bool = True
+    scale_out: bool = True
 
 
 COLUMNS = (Column("serverless_vllm", "serverless_vllm"), Column("single_worker", "single_worker"),
            Column("hydraserve", "hydraserve"), Column("hydraserve+cache", "hydraserve", True),
-           # the ablation: without deadline order (oldest first), then also without eviction
-           # (waiting for keep-alive: the policies as they were)
-           Column("serverless_vllm-deadline", "serverless_vllm", deadline_order=False),
-           Column("hydraserve-deadline", "hydraserve", deadline_order=False),
-           Column("serverless_vllm-both", "serverless_vllm", evict_idle=False,
-                  deadline_order=False),
-           Column("hydraserve-both", "hydraserve", evict_idle=False, deadline_order=False))
-BY_NAME = {c.name: c for c in COLUMNS}
+           # the ablation: without scale-out (one endpoint per model), then also without
+           # eviction and deadline order (waiting for keep-alive, oldest first: the policies
+           # as they were); `-deadline`: without the deadline order alone
+           Column("serverless_vllm-scale", "serverless_vllm", scale_out=False),
+           Column("hydraserve-scale", "hydraserve", scale_out=False),
+           Column("serverless_vllm-none", "serverless_vllm", evict_idle=False,
+                  deadline_order=False, scale_out=False),
+           Column("hydraserve-none", "hydraserve", evict_idle=False, deadline_order=False,
+                  scale_out=False))
+# more of the ablation, not run by default
+EXTRA_COLUMNS = (Column("serverless_vllm-deadline", "serverless_vllm", deadline_order=False),
+                 Column("hydraserve-deadline", "hydraserve", deadline_order=False))
+BY_NAME = {c.name: c for c in COLUMNS + EXTRA_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ def main() -> int:
     parser.add_argument("--zipf-s", type=float, nargs="+", default=[0.0, 1.0],
                         help="popularity skews to run: 0 equal, s > 0 Zipf 1/rank^s")
     parser.add_argument("--columns", nargs="+", choices=list(BY_NAME),
-                        default=list(BY_NAME))
+                        default=[c.name for c in COLUMNS])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-alive-s", type=float, default=60.0)
     parser.add_argument("--cache-gb", type=float, default=64.0,
@@ -110,7 +117,7 @@ def _run_row(args: argparse.Namespace, columns: list[Column], header: WorkloadHe
         config = SimConfig(keep_alive_s=args.keep_alive_s,
                            cache_bytes=args.cache_gb * GB if column.has_cache else 0.0)
         policy = replace(sim_policy(column.policy), evict_idle=column.evict_idle,
-                         deadline_order=column.deadline_order)
+                         deadline_order=column.deadline_order, scale_out=column.scale_out)
         run_started = time.perf_counter()
         results, workers = Simulator(requests, policy=policy, cluster=PUBLISHED,
                                      config=config).run()
