@@ -7,12 +7,15 @@ data plane (`PipeChannel`), driven by the real `PipelineDriver`, against the who
 `LLMEngine`, decoding the same greedy request. Each configuration runs in turn, in one run, and
 the bench prints the ratios.
 
-Configurations (`--configs`, comma-separated); the pipelines send frames on direct sockets,
-and each as `<name>-nats` (`pipe4-nats`, `pipe4-pinned-nats`, ...) sends them all through the
-NATS server:
+Configurations (`--configs`, comma-separated); the pipelines send frames on direct sockets
+and run each on the receiving socket's reader thread, as the workers do; each again as
+`<name>-queued` hands a stage's frames to its own thread (one wake-up more per hop, as before
+2026-11-23), and as `<name>-nats` (`pipe4-nats`, `pipe4-pinned-nats`, ...) sends them all
+through the NATS server:
 - `whole`, `whole-1t`: the whole model in one process, with torch's default thread pool (one
   thread per core) / with one thread.
-- `pipe4`, `pipe2`: a degree-4 / degree-2 pipeline, every stage process with the default pool.
+- `pipe4`, `pipe2`: a degree-4 / degree-2 pipeline, every stage process with the default pool;
+  `pipe2-1t`: degree 2, one thread per stage process.
 - `pipe4-1t`: degree 4, one thread per stage process (what `hydraserve up` and
   `bench/coldstart.py` give workers when 4 nodes share 2 cores).
 - `pipe4-inproc`: degree 4 with the stages as threads of one process, frames handed inbox to
@@ -64,9 +67,11 @@ def _pin(cpu: int | None) -> None:
 
 
 def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: str,
-                   nats_url: str, cpu: int | None, packing: str, direct: bool, ready: Any,
-                   stop: Any) -> None:
-    """One stage >= 1: load its layers, serve frames until `stop` is set."""
+                   nats_url: str, cpu: int | None, packing: str, direct: bool, inline: bool,
+                   ready: Any, stop: Any) -> None:
+    """One stage >= 1: load its layers, serve frames until `stop` is set. `inline`: direct
+    frames run on the socket's reader thread (as the worker does); else through the inbox
+    and the stage's thread (one thread wake-up more per hop)."""
     _pin(cpu)
     import nats
 
@@ -84,7 +89,8 @@ def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: s
         channel = PipeChannel(nc, endpoint, direct=direct, advertise_host="127.0.0.1")
         server = StageServer(runner, stage=stage, send=channel.send_threadsafe)
         server.start()
-        await channel.start(stage, server.inbox.put)
+        await channel.start(stage, server.inbox.put,
+                            on_direct_frame=server.handle_now if inline else None)
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.05)
@@ -164,7 +170,7 @@ def run_whole(model_dir: Path, tokens: int, repeats: int, cpu: int | None) -> li
 
 def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repeats: int,
                  pinned: bool | None, packing: str = "sync", direct: bool = True,
-                 paired: bool = False) -> list[float]:
+                 paired: bool = False, inline: bool = True) -> list[float]:
     """`pinned` True: each stage pinned to a core with one thread; None: one thread each,
     unpinned; False: torch's default threads. `direct`: frames on direct sockets (else all
     through the NATS server). `paired`: the whole model is loaded in the driver's process too,
@@ -185,7 +191,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
         ready = ctx.Event()
         proc = ctx.Process(target=_stage_process, args=(
             str(model_dir), bounds[stage], bounds[stage + 1], stage, endpoint, nats_url,
-            _cpu(pinned, stage), packing, direct, ready, stop), daemon=True)
+            _cpu(pinned, stage), packing, direct, inline, ready, stop), daemon=True)
         proc.start()
         procs.append(proc)
         readies.append(ready)
@@ -348,18 +354,21 @@ CONFIGS: dict[str, Callable[[Path, str, int, int], list[float]]] = {
                                                  "background"),
     "pipe4-nopack": lambda m, u, t, r: _in_child(run_pipeline, m, 4, u, t, r, False, "off"),
 }
-# (degree, pinned) of the pipelines over direct sockets, and each again as `<name>-nats` with
-# every frame through the NATS server
-for _name, (_degree, _pinned) in {"pipe2": (2, False), "pipe4": (4, False),
-                                  "pipe4-1t": (4, None), "pipe4-pinned": (4, True)}.items():
-    for _suffix, _direct in (("", True), ("-nats", False)):
+# (degree, pinned) of the pipelines over direct sockets; each again as `<name>-queued` with a
+# stage's direct frames handed to its own thread (not run on the reader thread), and as
+# `<name>-nats` with every frame through the NATS server
+for _name, (_degree, _pinned) in {"pipe2": (2, False), "pipe2-1t": (2, None),
+                                  "pipe4": (4, False), "pipe4-1t": (4, None),
+                                  "pipe4-pinned": (4, True)}.items():
+    for _suffix, _direct, _inline in (("", True, True), ("-queued", True, False),
+                                      ("-nats", False, False)):
         CONFIGS[_name + _suffix] = (
-            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct:
-            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x))
+            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct, i=_inline:
+            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, False, i))
         # `pair<...>`: the pipeline's TPOT over the whole model's, requests alternating
         CONFIGS["pair" + _name.removeprefix("pipe") + _suffix] = (
-            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct:
-            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, True))
+            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct, i=_inline:
+            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, True, i))
 
 
 def main() -> None:

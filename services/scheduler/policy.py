@@ -240,6 +240,11 @@ class Policy:
                       key=lambda m: self._queue_key(draft.models[m], oldest[m], now))
         book: MemoryBook | None = None
         is_cold_start_waiting = False
+        if cold and self.scale_out:
+            # a cold start comes before extra capacity: scale-outs still starting give way
+            # (their fetches stop sharing links with it, their memory comes free)
+            for endpoint in _starting_scale_outs(draft):
+                _scale_to_zero(draft, endpoint)
         for name in cold:
             if book is None:
                 book = MemoryBook(draft.freeze(), may_evict=self.evict_idle)
@@ -310,6 +315,15 @@ def _models_to_scale_out(draft: Draft, config: PolicyConfig, models: Iterable[st
     return [m for m in wanted
             if m not in starting and len(endpoints[m]) < config.max_endpoints_per_model
             and queued[m] > sum(capacities[e] for e in endpoints[m]) - running[m]]
+
+
+def _starting_scale_outs(draft: Draft) -> list[EndpointState]:
+    """Endpoints still starting while an older endpoint of their model is READY: scale-outs
+    (a cold start happens only to a model with no live endpoint)."""
+    ready = {e.model for e in draft.endpoints.values() if e.state is EndpointStatus.READY}
+    return sorted((e for e in draft.endpoints.values()
+                   if e.is_live and e.state is not EndpointStatus.READY and e.model in ready),
+                  key=lambda e: e.endpoint_id)
 
 
 def endpoint_capacities(state: ClusterState | Draft, *, default: int) -> dict[int, int]:

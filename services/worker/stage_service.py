@@ -67,7 +67,8 @@ class StageService:
             server = StageServer(runner, stage=config.stage, send=channel.send_threadsafe,
                                  on_event=on_event)
             server.start()
-            await channel.start(config.stage, server.inbox.put)
+            await channel.start(config.stage, server.inbox.put,
+                                on_direct_frame=server.handle_now)
             config.phases["ready_at"] = time.time()
             load_s = round(time.monotonic() - started, 6)
             record_startup(config.phases, load_s=load_s)

@@ -6,6 +6,8 @@ scaled in first, then the model scales to zero. Real NATS, PostgreSQL and proces
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +58,7 @@ def test_two_requests_for_a_one_slot_endpoint_scale_out_then_the_extra_endpoint_
 ) -> None:
     client = openai.OpenAI(base_url=f"{scale_stack.base_url}/v1", api_key=USER_KEY,
                            max_retries=0, timeout=120)
+    expected = expected_text(reference_engine)
 
     def stream() -> str:
         chunks = client.completions.create(model=scale_stack.model, prompt=PROMPT,
@@ -64,10 +67,26 @@ def test_two_requests_for_a_one_slot_endpoint_scale_out_then_the_extra_endpoint_
 
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: stream(), range(2)))
+    assert answers == [expected] * 2
 
-    assert answers == [expected_text(reference_engine)] * 2
-    events = wait_for_events(scale_stack, lambda es: len(kinds(
-        es, EventKind.WORKER_STOPPED, by="node_agent")) == 2)
+    # one request at a time from now on: one endpoint is enough, so one of the two goes
+    # (after the keep-alive) while the model keeps serving
+    stop_trickle = threading.Event()
+    trickled: list[str] = []
+
+    def trickle() -> None:
+        while not stop_trickle.is_set():
+            trickled.append(stream())
+            time.sleep(0.3)
+
+    with ThreadPoolExecutor(1) as pool:
+        trickling = pool.submit(trickle)
+        events = wait_for_events(scale_stack, lambda es: bool(
+            kinds(es, EventKind.WORKER_STOP_REQUESTED)) or trickling.done())
+        stop_trickle.set()
+        trickling.result()
+    assert trickled and trickled == [expected] * len(trickled)
+
     first, extra = kinds(events, EventKind.WORKER_PLACED)
     assert first.endpoint_id != extra.endpoint_id
     # the second endpoint came when the first was ready with its one slot
@@ -75,8 +94,16 @@ def test_two_requests_for_a_one_slot_endpoint_scale_out_then_the_extra_endpoint_
                  if e.worker_id == first.worker_id)
     assert ready.data["capacity"] == 1
     assert extra.time >= ready.time
-    # the extra endpoint goes first (the model's requests no longer need it), then the model
-    # scales to zero after its keep-alive
-    stops = [e.worker_id for e in kinds(events, EventKind.WORKER_STOP_REQUESTED)]
-    assert stops == [extra.worker_id, first.worker_id]
-    assert len(kinds(events, EventKind.REQUEST_DONE)) == 2
+    (scaled_in,) = kinds(events, EventKind.WORKER_STOP_REQUESTED)
+    assert scaled_in.worker_id in {first.worker_id, extra.worker_id}
+
+    # the other one serves, then scales to zero after the model's keep-alive
+    assert stream() == expected
+    events = wait_for_events(scale_stack, lambda es: len(kinds(
+        es, EventKind.WORKER_STOPPED, by="node_agent")) == 2)
+    scaled_in, to_zero = kinds(events, EventKind.WORKER_STOP_REQUESTED)
+    assert {scaled_in.worker_id, to_zero.worker_id} == {first.worker_id, extra.worker_id}
+    last_done = max(e.time for e in kinds(events, EventKind.REQUEST_DONE))
+    # the scale-in came while the model still had requests; the scale to zero, after them
+    assert scaled_in.time < last_done <= to_zero.time - KEEP_ALIVE_S
+    assert len(kinds(events, EventKind.REQUEST_DONE)) == 3 + len(trickled)

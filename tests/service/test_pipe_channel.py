@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import queue
 import socket
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
@@ -158,3 +159,36 @@ async def test_a_connection_that_sends_no_frame_header_is_closed(
         sender.send_threadsafe(1, _frame(3))
         assert await _received(inbox, 1) == [_frame(3)]
         assert sender.num_frames_direct == 1
+
+
+@pytest.mark.anyio
+async def test_direct_frames_can_be_taken_on_their_reader_thread_and_nats_frames_stay_apart(
+    nc: NATS,
+) -> None:
+    endpoint = uuid.uuid4().hex
+    sender = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
+    nats_sender = PipeChannel(nc, endpoint, direct=False)
+    receiver = PipeChannel(nc, endpoint, direct=True, advertise_host="127.0.0.1")
+    loop_thread = threading.get_ident()
+    direct: queue.SimpleQueue[tuple[bytes, int]] = queue.SimpleQueue()
+    over_nats: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    await sender.start(0, lambda frame: None)
+    await nats_sender.start(2, lambda frame: None)
+    await receiver.start(1, over_nats.put,
+                         on_direct_frame=lambda frame: direct.put((frame, threading.get_ident())))
+    try:
+        for index in range(5):
+            await asyncio.to_thread(sender.send_threadsafe, 1, _frame(index))
+        nats_sender.send_threadsafe(1, _frame(99))
+        got = [await asyncio.to_thread(direct.get, timeout=TIMEOUT_S) for _ in range(5)]
+        assert await _received(over_nats, 1) == [_frame(99)]
+    finally:
+        for channel in (sender, nats_sender):
+            await asyncio.wait_for(channel.close(), TIMEOUT_S)
+        await receiver.close()
+
+    assert [bytes(frame) for frame, _ in got] == [_frame(i) for i in range(5)]
+    # the first went through the sender task (connecting), all arrived on the socket
+    assert sender.num_frames_direct == 5
+    (reader,) = {thread for _, thread in got}
+    assert reader != loop_thread

@@ -215,3 +215,20 @@ def test_the_capacity_a_worker_reports_when_ready_counts_instead_of_the_default(
     # 1 slot, taken: r2 outnumbers it (with the default 2 slots it would fit)
     assert commands == [place(1, "a"), place(2, "b")]
     assert state.workers[1].capacity == 1
+
+
+def test_a_cold_start_stops_a_scale_out_still_starting_and_it_comes_back_later() -> None:
+    state, _ = run(three_nodes(), [*arrivals(0.0, 0.0), (1.0, WorkerReady(1)),
+                                   (1.0, RequestStarted("r1", 1)), (1.0, RequestStarted("r2", 1)),
+                                   (2.0, RequestArrived("r3", "llama"))])
+    assert state.endpoints[2].state is EndpointStatus.STARTING  # r3's scale-out, fetching
+
+    # tiny has no endpoint at all: the scale-out gives way (its fetch and memory)
+    state, commands = run(state, [(3.0, RequestArrived("t1", "tiny"))])
+    assert commands == [StopWorker(2, "b"), place(3, "c", TINY)]
+    assert [r.request_id for r in state.queued_requests("llama")] == ["r3"]
+
+    # tiny's fetch is done, none is in flight: llama scales out again (b's memory is not
+    # back yet; c has room)
+    _, commands = run(state, [(4.0, WorkerReady(3))])
+    assert commands == [place(4, "c")]

@@ -18,7 +18,8 @@ their order across the switch: a frame goes direct only when none to that stage 
 queued for the sender task.
 
 The callback runs on the event loop (NATS) or on a reader thread (direct): it must be
-thread-safe (the users hand the frame to a `queue.SimpleQueue`).
+thread-safe. `on_direct_frame`, if given, takes the direct frames instead, on their reader
+thread: a stage runs them there (`StageServer.handle_now`), never on the event loop.
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ class PipeChannel:
         self.num_bytes_sent = 0
         self.num_frames_direct = 0
 
-    async def start(self, stage: int, on_frame: Callable[[bytes], None]) -> None:
-        """Start sending, and deliver the frames addressed to `stage` to `on_frame`."""
+    async def start(self, stage: int, on_frame: Callable[[bytes], None], *,
+                    on_direct_frame: Callable[[bytes], None] | None = None) -> None:
+        """Start sending, and deliver the frames addressed to `stage` to `on_frame` (those
+        from direct sockets to `on_direct_frame`, if given)."""
         self._loop = asyncio.get_running_loop()
         self._sender = asyncio.create_task(self._send_loop())
         if self.direct:
-            await self._listen(stage, on_frame)
+            await self._listen(stage, on_direct_frame or on_frame)
 
         async def receive(msg: Msg) -> None:
             frame = self._reassemble(msg)

@@ -1,7 +1,10 @@
 """A pipeline stage after the first: activations in, activations (or sampled tokens) out.
 
-Frames arrive in step order from the stage before; each is handled on the stage's own thread
-(the model is not thread-safe and torch releases the GIL, so NATS keeps flowing). The stage
+Frames arrive in step order from the stage before. A frame from the direct socket is handled
+on the socket's reader thread itself (`handle_now`): the token does not wait for another
+thread to wake up, once per hop. A frame from NATS goes to the inbox and is handled on the
+stage's own thread (never on the event loop). One lock keeps the two from running the model
+at once (it is not thread-safe; torch releases the GIL, so NATS keeps flowing). The stage
 follows the driver's slot decisions: it applies the slot moves every frame carries before
 running it, so its KV cache mirrors the driver's slot layout. The last stage also samples,
 with one generator per request seeded like the driver's, so a consolidated worker that takes
@@ -54,6 +57,7 @@ class StageServer:
         self._samplers: dict[str, _Sampling] = {}
         self.inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"stage-{stage}", daemon=True)
+        self._lock = threading.Lock()
         self.num_steps = 0
         # seconds in the model (forward, and logits + sampling at the last stage), and in
         # reading and writing frames: where a pipeline step's time goes
@@ -68,13 +72,18 @@ class StageServer:
         self.inbox.put(None)
         self._thread.join(timeout)
 
-    def _run(self) -> None:
-        while (frame := self.inbox.get()) is not None:
+    def handle_now(self, frame: bytes) -> None:
+        """Handle a frame on the calling thread (a direct socket's reader)."""
+        with self._lock:
             try:
                 self.handle(frame)
             except Exception as exc:  # a bad frame: the driver times out and the endpoint
                 self.error = exc      # is rebuilt by the scheduler; keep serving the rest
                 logger.exception("stage %d failed on a frame", self.stage)
+
+    def _run(self) -> None:
+        while (frame := self.inbox.get()) is not None:
+            self.handle_now(frame)
 
     @torch.inference_mode()
     def handle(self, frame: bytes) -> None:
