@@ -49,7 +49,8 @@ from services.scheduler.events import (
     WorkerStopped,
 )
 from services.scheduler.eviction import reclaimable_bytes
-from services.scheduler.policy import POLICIES, Policy, endpoints_to_scale_in
+from services.scheduler.policy import POLICIES, Policy
+from services.scheduler.scaling import endpoints_to_scale_in
 from services.scheduler.state import ClusterState
 
 

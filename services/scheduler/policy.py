@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
@@ -59,6 +58,12 @@ from services.scheduler.events import (
 )
 from services.scheduler.eviction import MemoryBook
 from services.scheduler.placement import Placer, WorkerPlan, place_pipeline, place_single_worker
+from services.scheduler.scaling import (
+    endpoints_to_scale_in,
+    models_to_scale_out,
+    needed_endpoints,
+    starting_scale_outs,
+)
 from services.scheduler.state import (
     Calibration,
     ClusterState,
@@ -243,7 +248,7 @@ class Policy:
         if cold and self.scale_out:
             # a cold start comes before extra capacity: scale-outs still starting give way
             # (their fetches stop sharing links with it, their memory comes free)
-            for endpoint in _starting_scale_outs(draft):
+            for endpoint in starting_scale_outs(draft):
                 _scale_to_zero(draft, endpoint)
         for name in cold:
             if book is None:
@@ -257,8 +262,11 @@ class Policy:
         if (not self.scale_out or is_cold_start_waiting
                 or any(node.fetches for node in draft.nodes.values())):
             return
-        for name in sorted(_models_to_scale_out(draft, self.config, oldest.keys() & live_models),
-                           key=lambda m: self._queue_key(draft.models[m], oldest[m], now)):
+        for name in sorted(models_to_scale_out(
+                draft, oldest.keys() & live_models,
+                default_capacity=self.config.endpoint_capacity,
+                max_endpoints=self.config.max_endpoints_per_model),
+                key=lambda m: self._queue_key(draft.models[m], oldest[m], now)):
             if book is None:
                 book = MemoryBook(draft.freeze(), may_evict=self.evict_idle)
             self._place(draft, book, name, now, queued_since=oldest[name], is_scale_out=True)
@@ -284,110 +292,6 @@ class Policy:
                         is_scale_out=is_scale_out)
         book.update(draft.nodes.view)
         return True
-
-
-def _models_to_scale_out(draft: Draft, config: PolicyConfig, models: Iterable[str]) -> list[str]:
-    """Of `models` (each with queued requests and a live endpoint), those whose endpoints
-    are all READY, whose queued requests outnumber the free slots of those endpoints, and
-    that have fewer than `max_endpoints_per_model` of them."""
-    wanted = set(models)
-    if not wanted:
-        return []
-    capacities = endpoint_capacities(draft, default=config.endpoint_capacity)
-    endpoints: dict[str, list[int]] = {m: [] for m in wanted}
-    for endpoint in draft.endpoints.values():
-        if endpoint.model in wanted and endpoint.is_live:
-            endpoints[endpoint.model].append(endpoint.endpoint_id)
-    live = {e for ids in endpoints.values() for e in ids}
-    queued = dict.fromkeys(wanted, 0)
-    running = dict.fromkeys(wanted, 0)
-    for request in draft.requests.values():
-        if request.model not in wanted:
-            continue
-        if request.worker_id is None:
-            queued[request.model] += 1
-        else:
-            worker = draft.workers.get(request.worker_id)
-            if worker is not None and worker.endpoint_id in live:
-                running[request.model] += 1
-    starting = {e.model for e in draft.endpoints.values()
-                if e.model in wanted and e.is_live and e.state is not EndpointStatus.READY}
-    return [m for m in wanted
-            if m not in starting and len(endpoints[m]) < config.max_endpoints_per_model
-            and queued[m] > sum(capacities[e] for e in endpoints[m]) - running[m]]
-
-
-def _starting_scale_outs(draft: Draft) -> list[EndpointState]:
-    """Endpoints still starting while an older endpoint of their model is READY: scale-outs
-    (a cold start happens only to a model with no live endpoint)."""
-    ready = {e.model for e in draft.endpoints.values() if e.state is EndpointStatus.READY}
-    return sorted((e for e in draft.endpoints.values()
-                   if e.is_live and e.state is not EndpointStatus.READY and e.model in ready),
-                  key=lambda e: e.endpoint_id)
-
-
-def endpoint_capacities(state: ClusterState | Draft, *, default: int) -> dict[int, int]:
-    """Endpoint id -> requests it runs at once: what its stage-0 worker reported when it got
-    ready, else `default` (a starting worker; a state rebuilt from Postgres)."""
-    return {w.endpoint_id: w.capacity or default for w in state.workers.values()
-            if w.stage == 0}
-
-
-def _needed(endpoints: list[EndpointState], demand: int,
-            capacities: Mapping[int, int]) -> list[bool]:
-    """For a model's live endpoints, oldest first: whether each is needed, i.e. the oldest,
-    or the model has more requests (`demand`, queued or running) than the ones before it
-    run at once."""
-    needed, before = [], 0
-    for endpoint in endpoints:
-        needed.append(not needed or demand > before)
-        before += capacities.get(endpoint.endpoint_id, 0)
-    return needed
-
-
-def endpoints_to_scale_in(state: ClusterState | Draft, now: float, *,
-                          default_capacity: int) -> list[EndpointState]:
-    """The endpoints to stop because their model has more than its requests need.
-
-    A model's endpoint after its oldest is needed while the model has more requests, queued
-    or running, than the endpoints before it run at once (`_needed`, with each endpoint's
-    capacity); `_touch_endpoints` restarts its keep-alive clock only then. Each endpoint
-    not needed now that is READY and whose clock ran out is one too
-    many; as many of the model's READY endpoints are stopped, those running the fewest
-    requests first (the newest on a tie), so an idle one goes before a busy one drains."""
-    demand: dict[str, int] = {}
-    for request in state.requests.values():
-        demand[request.model] = demand.get(request.model, 0) + 1
-    live: dict[str, list[EndpointState]] = {}
-    for endpoint in sorted(state.endpoints.values(), key=lambda e: e.endpoint_id):
-        if endpoint.is_live:
-            live.setdefault(endpoint.model, []).append(endpoint)
-    surplus: dict[str, int] = {}
-    capacities: dict[int, int] | None = None
-    for model, endpoints in live.items():
-        if len(endpoints) < 2:
-            continue
-        if capacities is None:
-            capacities = endpoint_capacities(state, default=default_capacity)
-        keep_alive_s = state.models[model].keep_alive_s
-        surplus[model] = sum(
-            1 for e, is_needed in zip(endpoints, _needed(endpoints, demand.get(model, 0),
-                                                         capacities), strict=True)
-            if not is_needed and e.state is EndpointStatus.READY
-            and now - e.last_request_at >= keep_alive_s)
-    if not any(surplus.values()):
-        return []
-    running: dict[int, int] = {}
-    for request in state.requests.values():
-        worker = None if request.worker_id is None else state.workers.get(request.worker_id)
-        if worker is not None:
-            running[worker.endpoint_id] = running.get(worker.endpoint_id, 0) + 1
-    due = []
-    for model, count in sorted(surplus.items()):
-        ready = [e for e in live[model] if e.state is EndpointStatus.READY]
-        ready.sort(key=lambda e: (running.get(e.endpoint_id, 0), -e.endpoint_id))
-        due += ready[:count]
-    return sorted(due, key=lambda e: e.endpoint_id)
 
 
 def _on_request_arrived(draft: Draft, event: RequestArrived, now: float, *,
@@ -536,19 +440,11 @@ def _retire_if_empty(draft: Draft, endpoint_id: int) -> None:
 
 
 def _touch_endpoints(draft: Draft, model: str, now: float, *, default_capacity: int) -> None:
-    """Restart the keep-alive clock of the model's live endpoints that its requests (queued
-    or running) need (`_needed`): the oldest always, a later one only while the ones before
-    it cannot run them all (so an extra endpoint's clock runs out once its load has gone)."""
-    live = sorted((e for e in draft.endpoints.values() if e.model == model and e.is_live),
-                  key=lambda e: e.endpoint_id)
-    if len(live) > 1:
-        demand = sum(1 for r in draft.requests.values() if r.model == model)
-        needed = _needed(live, demand, endpoint_capacities(draft, default=default_capacity))
-    else:
-        needed = [True] * len(live)
-    for endpoint, is_needed in zip(live, needed, strict=True):
-        if is_needed:
-            draft.endpoints[endpoint.endpoint_id] = replace(endpoint, last_request_at=now)
+    """Restart the keep-alive clock of the model's live endpoints that its requests need
+    (`scaling.needed_endpoints`): the oldest always, a later one only while the ones before
+    it cannot run them all, so an extra endpoint's clock runs out once its load has gone."""
+    for endpoint in needed_endpoints(draft, model, default_capacity=default_capacity):
+        draft.endpoints[endpoint.endpoint_id] = replace(endpoint, last_request_at=now)
 
 
 def _start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...],

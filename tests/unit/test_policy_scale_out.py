@@ -25,7 +25,8 @@ from services.scheduler.events import (
     WorkerReady,
     WorkerStopped,
 )
-from services.scheduler.policy import SINGLE_WORKER, Policy, PolicyConfig, endpoints_to_scale_in
+from services.scheduler.policy import SINGLE_WORKER, Policy, PolicyConfig
+from services.scheduler.scaling import endpoints_to_scale_in
 from services.scheduler.state import ClusterState, ModelSpec
 from tests import policy_timeline
 from tests.policy_timeline import GB, node_state, run_balanced
