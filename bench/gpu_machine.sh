@@ -36,7 +36,7 @@ for step in $steps; do
         # a core per emulated node: each stage process pinned to its own core
         # each pair: the pipeline and the whole model (in stage 0's process) in turn
         python3 bench/pipeline_tpot.py --repeats 8 --rounds 2 \
-            --configs pair4-1t,pair4-1t-nats,pair4-pinned \
+            --configs pair4-1t,pair4-1t-queued,pair4-pinned,pair4-pinned-queued \
             --out "$OUT/pipeline_tpot.json" 2>&1 | tee "$OUT/pipeline_tpot.log" | tail -12 ;;
     profile)
         python3 bench/gpu_profile.py 2>&1 | tee "$OUT/gpu_profile.log" | grep -E "^==" ;;
