@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import queue
 import socket
+import struct
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -136,29 +137,49 @@ async def test_after_a_direct_receiver_closes_later_frames_take_nats(nc: NATS) -
         await successor.close()
 
 
+def _stray_client(address: str, payload: bytes) -> bytes:
+    """Connect to a stage's listener, send `payload`; what it answers before it closes."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as stray:
+        stray.sendall(payload)
+        try:
+            return stray.recv(1)  # b"" once the receiver closes it
+        except ConnectionResetError:  # closed with our extra bytes unread: a reset
+            return b""
+
+
 @pytest.mark.anyio
-async def test_a_connection_that_sends_no_frame_header_is_closed(
+async def test_a_connection_that_sends_no_hello_is_closed(
     nc: NATS, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with _channels(nc) as (sender, receiver, inbox):
         assert receiver.address is not None
-        host, _, port = receiver.address.rpartition(":")
 
-        def stray_client() -> bytes:
-            with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as stray:
-                # a length that would ask for exabytes, behind the wrong magic
-                stray.sendall(b"GET / HTTP/1.1\r\n" + b"\xff" * 16)
-                try:
-                    return stray.recv(1)  # b"" once the receiver closes it
-                except ConnectionResetError:  # closed with our extra bytes unread: a reset
-                    return b""
-
-        assert await asyncio.to_thread(stray_client) == b""
-        # closed for its header, before its "length" (exabytes) was allocated
-        assert "sent no frame header" in caplog.text
+        # not a stage at all: a length that would ask for exabytes, behind the wrong magic
+        assert await asyncio.to_thread(
+            _stray_client, receiver.address, b"GET / HTTP/1.1\r\n" + b"\xff" * 16) == b""
+        assert "no valid hello" in caplog.text
         sender.send_threadsafe(1, _frame(3))
         assert await _received(inbox, 1) == [_frame(3)]
         assert sender.num_frames_direct == 1
+
+
+@pytest.mark.anyio
+async def test_a_client_that_knows_the_wire_format_but_not_the_token_gets_no_frame_in(
+    nc: NATS, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _channels(nc) as (sender, receiver, inbox):
+        assert receiver.address is not None
+        forged = (struct.pack(">4s16s", b"HSH1", bytes(16))
+                  + struct.pack(">4sQ", b"HSP1", 64) + _frame(666))
+
+        assert await asyncio.to_thread(_stray_client, receiver.address, forged) == b""
+        assert "no valid hello" in caplog.text
+        # the stage's own sender, which asked NATS for the token, gets through; the forged
+        # frame never arrived
+        sender.send_threadsafe(1, _frame(4))
+        assert await _received(inbox, 1) == [_frame(4)]
+        assert inbox.empty()
 
 
 @pytest.mark.anyio

@@ -7,15 +7,19 @@ headers, reassembled by the receiver. A subscription on the stage's own inbox ha
 frames to a callback.
 
 Direct (`direct=True`): each stage also listens on a TCP socket and answers requests for its
-`host:port` on `pipe_address_subject`. The first frame to a stage goes through the sender
-task, which asks for that address and connects; from then on frames to that stage are written
-on the socket by the sending thread itself, and the receiving stage's reader thread hands them
-to the callback. A hop is then one socket write and one thread wake-up, where NATS took four
-(the sender's event loop, the server, the receiver's event loop, the stage thread); after a
-stage has been idle each wake-up costs the most (measured in docs/BENCHMARKS.md). A stage that
-does not answer, or cannot be reached, gets its frames over NATS. Per receiver, frames keep
-their order across the switch: a frame goes direct only when none to that stage is still
-queued for the sender task.
+`host:port` on `pipe_address_subject`, with a random token of the listening channel. A
+connection must open with a hello (a magic and that token) before its frames are read: the
+token travels only over NATS, so only a peer on the bus can feed a stage (not a port scan,
+not a stray client, not another endpoint's stale sender).
+
+The first frame to a stage goes through the sender task, which asks for that address and
+connects; from then on frames to that stage are written on the socket by the sending thread
+itself, and the receiving stage's reader thread hands them to the callback. A hop is then one
+socket write and one thread wake-up, where NATS took four (the sender's event loop, the server,
+the receiver's event loop, the stage thread); after a stage has been idle each wake-up costs
+the most (measured in docs/BENCHMARKS.md). A stage that does not answer, or cannot be reached,
+gets its frames over NATS. Per receiver, frames keep their order across the switch: a frame
+goes direct only when none to that stage is still queued for the sender task.
 
 The callback runs on the event loop (NATS) or on a reader thread (direct): it must be
 thread-safe. `on_direct_frame`, if given, takes the direct frames instead, on their reader
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import socket
 import struct
 import threading
@@ -42,9 +48,13 @@ from libs.common.subjects import pipe_address_subject, pipe_subject
 
 logger = logging.getLogger(__name__)
 
-# a direct frame: a 4-byte magic, its 8-byte big-endian length, then the frame. A connection
-# whose header does not start with the magic (not a stage: a port scanner, a stray client)
-# is closed before its length is believed.
+# a direct connection opens with a hello: a 4-byte magic and the receiver's 16-byte token;
+# one that does not is closed before anything else it sent is read
+_HELLO = struct.Struct(">4s16s")
+_HELLO_MAGIC = b"HSH1"
+_TOKEN_BYTES = 16
+# then each frame: a 4-byte magic, its 8-byte big-endian length, then the frame (a header
+# without the magic is closed before its length is believed)
 _FRAME_HEADER = struct.Struct(">4sQ")
 _MAGIC = b"HSP1"
 # asking a stage for its address, and connecting to it
@@ -71,6 +81,8 @@ class PipeChannel:
         # held while writing a socket and while choosing a frame's way
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        # what a connection to this stage's listener must present (`_listen`)
+        self._token = secrets.token_bytes(_TOKEN_BYTES)
         self._readers: list[socket.socket] = []
         self._closed = False
         self.address: str | None = None
@@ -161,7 +173,8 @@ class PipeChannel:
                          name=f"pipe-accept-{stage}").start()
 
         async def answer(msg: Msg) -> None:
-            await msg.respond(self.address.encode() if self.address else b"")
+            reply = f"{self.address} {self._token.hex()}" if self.address else ""
+            await msg.respond(reply.encode())
 
         self._address_subscription = await self._nc.subscribe(
             pipe_address_subject(self.endpoint_id, stage), cb=answer)
@@ -171,9 +184,16 @@ class PipeChannel:
         try:
             reply = await self._nc.request(pipe_address_subject(self.endpoint_id, stage), b"",
                                            timeout=DIRECT_CONNECT_TIMEOUT_S)
-            host, _, port = reply.data.decode().rpartition(":")
+            address, _, token = reply.data.decode().partition(" ")
+            host, _, port = address.rpartition(":")
+            hello = _HELLO.pack(_HELLO_MAGIC, bytes.fromhex(token))
             sock = await asyncio.to_thread(socket.create_connection, (host, int(port)),
                                            DIRECT_CONNECT_TIMEOUT_S)
+            try:
+                await asyncio.to_thread(sock.sendall, hello)
+            except OSError:
+                sock.close()
+                raise
         except Exception as exc:
             logger.warning("stage %d of %s has no direct socket (%r): its frames go over NATS",
                            stage, self.endpoint_id, exc)
@@ -218,8 +238,17 @@ class PipeChannel:
                              name="pipe-reader").start()
 
     def _read(self, conn: socket.socket, on_frame: Callable[[bytes], None]) -> None:
-        """Hand each frame from one sender to `on_frame`, until it closes."""
+        """Check the sender's hello, then hand each of its frames to `on_frame` until it
+        closes."""
         with conn:
+            hello = _read_exactly(conn, _HELLO.size)
+            if hello is None:
+                return
+            magic, token = _HELLO.unpack(hello)
+            if magic != _HELLO_MAGIC or not hmac.compare_digest(token, self._token):
+                logger.error("a data-plane connection sent no valid hello (magic and this "
+                             "stage's token); closing it")
+                return
             while (head := _read_exactly(conn, _FRAME_HEADER.size)) is not None:
                 magic, length = _FRAME_HEADER.unpack(head)
                 if magic != _MAGIC:
