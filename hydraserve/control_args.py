@@ -83,6 +83,12 @@ def add_models_parser(commands: SubParsers) -> argparse.ArgumentParser:
     register.add_argument("--tpot-slo-ms", type=int, required=True)
     register.add_argument("--max-pipeline-degree", type=int, default=4, choices=[1, 2, 3, 4])
     register.add_argument("--keep-alive-s", type=float, default=60.0)
+    register.add_argument("--kv-cache-gb", type=float, default=0.0,
+                          help="KV-cache memory a whole-model worker reserves next to the "
+                               "weights (default: %(default)s)")
+    register.add_argument("--owner-tenant", metavar="TENANT",
+                          help="make the model private to this (existing) tenant: only its "
+                               "keys see and use it (default: public)")
     for name, help_text in (("describe", "show one model and its partitions"),
                             ("delete", "delete a model")):
         sub.add_parser(name, help=help_text, parents=[common]).add_argument("name")

@@ -47,7 +47,9 @@ def run_models(args: argparse.Namespace, out: TextIO | None = None) -> int:
         elif args.models_command == "register":
             body = {"name": args.name, "path": args.path, "ttft_slo_ms": args.ttft_slo_ms,
                     "tpot_slo_ms": args.tpot_slo_ms, "keep_alive_s": args.keep_alive_s,
-                    "max_pipeline_degree": args.max_pipeline_degree}
+                    "max_pipeline_degree": args.max_pipeline_degree,
+                    "kv_cache_bytes": int(args.kv_cache_gb * (1 << 30)),
+                    "owner_tenant": args.owner_tenant}
             print(json.dumps(_call(args, "POST", "/models", body), indent=2), file=out)
         elif args.models_command == "describe":
             print(json.dumps(_call(args, "GET", f"/models/{args.name}"), indent=2), file=out)

@@ -225,3 +225,23 @@ def test_the_models_cli_registers_lists_describes_and_deletes_through_the_api(
     assert name in listed.split()
     assert [(p["degree"], p["stage"]) for p in described["partitions"]] == [(1, 0)]
     assert f"model {name!r} is not registered (not_found)" in capsys.readouterr().err
+
+
+def test_the_models_cli_registers_a_model_private_to_a_tenant_and_refuses_an_unknown_one(
+    admin_stack: AdminStack, demo_model_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    tenant = f"cli-team-{uuid.uuid4().hex[:6]}"
+    call(admin_stack, "POST", "/admin/keys", {"tenant": tenant, "name": "ci"})
+    name = f"hydra/private-{uuid.uuid4().hex[:6]}"
+    api = ["--api", admin_stack.base_url, "--admin-key", ADMIN_KEY]
+    register = ["models", "register", name, str(demo_model_dir), "--ttft-slo-ms", "1500",
+                "--tpot-slo-ms", "80", "--max-pipeline-degree", "1", "--kv-cache-gb", "0.5"]
+
+    assert main([*register, "--owner-tenant", "no-such-team", *api]) == 1
+    refused = capsys.readouterr().err
+    assert main([*register, "--owner-tenant", tenant, *api]) == 0
+    registered = json.loads(capsys.readouterr().out)
+    assert main(["models", "delete", name, *api]) == 0
+
+    assert "tenant 'no-such-team' does not exist" in refused
+    assert (registered["owner_tenant"], registered["kv_cache_bytes"]) == (tenant, 1 << 29)
