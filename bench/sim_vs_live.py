@@ -64,6 +64,7 @@ from hydraserve.sim.live import (  # noqa: E402
     scale_slos,
     solo_fetch_bytes_per_s,
 )
+from hydraserve.up import read_banner  # noqa: E402
 from hydraserve.workload.analyze import format_comparison, summarize  # noqa: E402
 from hydraserve.workload.records import (  # noqa: E402
     read_results,
@@ -127,23 +128,10 @@ class Up:
              "--gpu-memory-gb", str(args.gpu_memory_gb), "--nic-gbps", f"{nic_gbps:.6f}",
              "--keep-alive", str(args.keep_alive), "--no-demo"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        banner = self._read_until("Ctrl-C stops everything.")
+        banner = read_banner(self.process, timeout_s=START_TIMEOUT_S)
         self.api = f"http://127.0.0.1:{self.port}"
         self.admin_key = _search(r"admin key\s+(\S+)", banner)
         self.nats_url = _search(r"NATS\s+(nats://\S+)", banner)
-
-    def _read_until(self, marker: str) -> str:
-        assert self.process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"hydraserve up exited: {''.join(lines)}")
-            lines.append(line)
-            if marker in line:
-                return "".join(lines)
-        raise TimeoutError(f"hydraserve up did not start in {START_TIMEOUT_S:.0f}s")
 
     def register(self, name: str, path: Path, *, ttft_slo_s: float, tpot_slo_s: float,
                  keep_alive_s: float, max_degree: int) -> dict[str, Any]:

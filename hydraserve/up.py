@@ -270,7 +270,28 @@ Try it (the first request cold-starts the model):
     -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "prompt": "Once upon a time", "max_tokens": 16}}'
 
-Ctrl-C stops everything.""")
+{BANNER_END}""")
+
+
+# the banner's last line: a program running `hydraserve up` reads its output up to here
+BANNER_END = "Ctrl-C stops everything."
+
+
+def read_banner(process: subprocess.Popen[str], *, timeout_s: float) -> str:
+    """The output of a `hydraserve up` child (text stdout, stderr merged) up to the end of its
+    banner; RuntimeError if it exits first, TimeoutError if the banner takes longer."""
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"hydraserve up exited: {''.join(lines)}")
+        lines.append(line)
+        if BANNER_END in line:
+            return "".join(lines)
+    raise TimeoutError(f"hydraserve up printed no banner within {timeout_s:.0f}s: "
+                       f"{''.join(lines)}")
 
 
 def _say(message: str) -> None:

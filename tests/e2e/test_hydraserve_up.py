@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hydraserve.up import read_banner
 from services.worker.engine.engine import LLMEngine, generate
 from services.worker.engine.sequence import SamplingParams
 
@@ -67,7 +68,7 @@ def test_up_serves_a_cold_request_and_ctrl_c_stops_everything(tmp_path: Path) ->
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        banner = _read_until(up, "Ctrl-C stops everything.")
+        banner = read_banner(up, timeout_s=START_TIMEOUT_S)
         admin_key = re.search(r"admin key\s+(\S+)", banner)
         assert admin_key is not None, banner
         assert f"http://127.0.0.1:{port}/v1" in banner
@@ -90,20 +91,6 @@ def test_up_serves_a_cold_request_and_ctrl_c_stops_everything(tmp_path: Path) ->
     while any(is_alive(pid) for pid in running) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [pid for pid in running if is_alive(pid)] == []
-
-
-def _read_until(process: subprocess.Popen[str], marker: str) -> str:
-    assert process.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            raise AssertionError(f"hydraserve up exited: {''.join(lines)}")
-        lines.append(line)
-        if marker in line:
-            return "".join(lines)
-    raise AssertionError(f"no {marker!r} within {START_TIMEOUT_S}s: {''.join(lines)}")
 
 
 def _greedy(folder: Path, prompt: str, max_tokens: int):
