@@ -49,7 +49,7 @@ _INVALID_NAME_CHARS = re.compile(r"[^a-z0-9-]+")
 
 
 class PodApi(Protocol):
-    """The three `CoreV1Api` calls the launcher makes (a fake one in tests)."""
+    """The `CoreV1Api` calls the launcher makes (a fake one in tests)."""
 
     def create_namespaced_pod(self, namespace: str, body: client.V1Pod,
                               **kwargs: Any) -> Any: ...
@@ -57,6 +57,8 @@ class PodApi(Protocol):
     def read_namespaced_pod(self, name: str, namespace: str, **kwargs: Any) -> Any: ...
 
     def delete_namespaced_pod(self, name: str, namespace: str, **kwargs: Any) -> Any: ...
+
+    def list_namespaced_pod(self, namespace: str, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,36 @@ class KubernetesLauncher:
         return cls(template, api=api, poll_interval_s=poll_interval_s)
 
     async def start(self) -> None:
-        """Nothing to prepare: each worker is a new pod."""
+        """Delete the worker pods a previous agent left on this node.
+
+        A local worker dies with its agent; a pod does not. When the agent's pod goes, its
+        workers are garbage-collected with it (their owner), but when only its container
+        restarts, the pod stays, and so do the workers the old process launched: nobody
+        stops them, and they hold the node's GPU memory. The new agent knows of no worker, so
+        every worker pod on its node is a leftover (one agent per node: a DaemonSet). A
+        failure is logged; launching does not wait for it.
+        """
+        t = self.template
+        try:
+            pods = await asyncio.to_thread(
+                self._api.list_namespaced_pod, t.namespace, label_selector=f"app={WORKER_APP}",
+                field_selector=f"spec.nodeName={t.node_name}")
+        except (ApiException, HTTPError) as exc:
+            logger.error("listing the worker pods left on %s failed: %s", t.node_name, exc)
+            return
+        for pod in pods.items:
+            name = pod.metadata.name
+            logger.warning("deleting worker pod %s/%s, left by a previous node agent on %s",
+                           t.namespace, name, t.node_name)
+            try:
+                await asyncio.to_thread(self._api.delete_namespaced_pod, name, t.namespace,
+                                        grace_period_seconds=0)
+            except ApiException as exc:
+                if exc.status != _NOT_FOUND:
+                    logger.error("deleting worker pod %s/%s failed: %s", t.namespace, name,
+                                 exc)
+            except HTTPError as exc:
+                logger.error("deleting worker pod %s/%s failed: %s", t.namespace, name, exc)
 
     async def launch(self, spec: WorkerSpec) -> WorkerPod:
         t = self.template

@@ -390,11 +390,14 @@ class FakePodApi:
     """CoreV1Api's pod calls: records what is asked, answers reads from a script."""
 
     def __init__(self, reads: list[client.V1Pod | ApiException] | None = None,
-                 create_error: ApiException | None = None) -> None:
+                 create_error: ApiException | None = None,
+                 listed: list[str] | ApiException | None = None) -> None:
         self.created: list[tuple[str, client.V1Pod]] = []
         self.deleted: list[tuple[str, str, int]] = []
+        self.list_calls: list[tuple[str, dict[str, Any]]] = []
         self._reads = list(reads or [])
         self._create_error = create_error
+        self._listed = listed or []
 
     def create_namespaced_pod(self, namespace: str, body: client.V1Pod,
                               **kwargs: Any) -> client.V1Pod:
@@ -411,6 +414,13 @@ class FakePodApi:
 
     def delete_namespaced_pod(self, name: str, namespace: str, **kwargs: Any) -> None:
         self.deleted.append((namespace, name, kwargs["grace_period_seconds"]))
+
+    def list_namespaced_pod(self, namespace: str, **kwargs: Any) -> client.V1PodList:
+        self.list_calls.append((namespace, kwargs))
+        if isinstance(self._listed, ApiException):
+            raise self._listed
+        return client.V1PodList(items=[client.V1Pod(metadata=client.V1ObjectMeta(name=n))
+                                       for n in self._listed])
 
 
 TEMPLATE = PodTemplate(namespace=NAMESPACE, image="hydraserve:latest", node_name="gpu-node-1",
@@ -468,6 +478,30 @@ def test_terminate_deletes_the_pod_with_the_timeout_as_grace_period() -> None:
 
     assert asyncio.run(scenario()) == 0
     assert api.deleted == [(NAMESPACE, "hydraserve-worker-w-42", 13)]
+
+
+def test_start_deletes_the_worker_pods_a_previous_agent_left_on_its_node() -> None:
+    api = FakePodApi(listed=["hydraserve-worker-w-1", "hydraserve-worker-w-2"])
+
+    asyncio.run(launcher(api).start())
+
+    assert api.list_calls == [(NAMESPACE, {"label_selector": "app=hydraserve-worker",
+                                           "field_selector": "spec.nodeName=gpu-node-1"})]
+    assert api.deleted == [(NAMESPACE, "hydraserve-worker-w-1", 0),
+                           (NAMESPACE, "hydraserve-worker-w-2", 0)]
+
+
+def test_start_logs_a_failed_listing_and_launching_still_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api = FakePodApi(listed=ApiException(status=403, reason="Forbidden"))
+    chosen = launcher(api)
+
+    asyncio.run(chosen.start())
+    asyncio.run(chosen.launch(SPEC))
+
+    assert "listing the worker pods left on gpu-node-1 failed" in caplog.text
+    assert api.deleted == [] and len(api.created) == 1
 
 
 # --- choosing the launcher ---------------------------------------------------------------
