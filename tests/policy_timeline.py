@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from libs.common.db.enums import NodeStatus
-from services.scheduler.events import Command, Event
+from services.scheduler.events import Command, Event, PlaceWorker
 from services.scheduler.policy import Policy
 from services.scheduler.state import ClusterState, Fetch, ModelSpec, NodeState
 
@@ -37,3 +37,15 @@ def run_balanced(policy: Policy, state: ClusterState, timeline: Sequence[tuple[f
             assert node.free_gpu_memory_bytes == node.gpu_memory_bytes - used, node
         commands += new_commands
     return state, commands
+
+
+def place_whole(worker_id: int, node_id: str, model: ModelSpec, *,
+                endpoint_id: int | None = None) -> PlaceWorker:
+    """The placement of one whole-model worker (degree 1) of `model`, in endpoint
+    `endpoint_id` (default: numbered like the worker)."""
+    return PlaceWorker(worker_id=worker_id,
+                       endpoint_id=worker_id if endpoint_id is None else endpoint_id,
+                       node_id=node_id, model=model.name, pipeline_degree=1, stage=0,
+                       start_layer=0, end_layer=model.num_layers,
+                       gpu_memory_bytes=model.size_bytes + model.kv_cache_bytes,
+                       is_full_size=True)

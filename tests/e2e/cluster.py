@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import httpx
@@ -26,6 +27,9 @@ from libs.common.settings import BusSettings
 from libs.common.subjects import EVENTS_STREAM, EVENTS_SUBJECTS, event_filter
 from tests.e2e.conftest import USER_KEY
 from tests.processes import free_port, spawn, stop, tail, wait_for_http
+
+if TYPE_CHECKING:
+    from services.worker.engine.engine import LLMEngine
 
 EVENT_TIMEOUT_S = 45.0
 
@@ -253,3 +257,15 @@ async def audit_events(nats_url: str) -> list[Event]:
                 return events
     finally:
         await nc.close()
+
+
+def greedy_text(engine: LLMEngine, prompt: str, max_tokens: int) -> str:
+    """What a served greedy completion of `prompt` must say: the engine in this process."""
+    from services.worker.engine.sequence import SamplingParams
+
+    engine.add_request("reference", prompt, SamplingParams(max_tokens=max_tokens,
+                                                           temperature=0.0))
+    text = ""
+    while engine.has_unfinished():
+        text += "".join(out.text for out in engine.step())
+    return text

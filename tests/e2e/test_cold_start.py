@@ -17,7 +17,7 @@ import pytest
 
 from libs.common.messages import EventKind
 from tests.conftest import temporary_database
-from tests.e2e.cluster import ColdStack, cluster, kinds, timeline, wait_for_events
+from tests.e2e.cluster import ColdStack, cluster, greedy_text, kinds, timeline, wait_for_events
 from tests.e2e.conftest import USER_KEY
 
 if TYPE_CHECKING:
@@ -55,17 +55,6 @@ def client(cold_stack: ColdStack) -> openai.OpenAI:
                          max_retries=0, timeout=60)
 
 
-def expected_text(engine: LLMEngine, max_tokens: int) -> str:
-    from services.worker.engine.sequence import SamplingParams
-
-    engine.add_request("reference", PROMPT, SamplingParams(max_tokens=max_tokens,
-                                                           temperature=0.0))
-    text = ""
-    while engine.has_unfinished():
-        text += "".join(out.text for out in engine.step())
-    return text
-
-
 def complete(client: openai.OpenAI, stack: ColdStack) -> tuple[str, float]:
     started = time.monotonic()
     response = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=12,
@@ -78,7 +67,7 @@ def test_a_request_for_a_model_without_workers_cold_starts_one_and_gets_the_gree
 ) -> None:
     text, seconds = complete(client, cold_stack)
 
-    assert text == expected_text(reference_engine, 12)
+    assert text == greedy_text(reference_engine, PROMPT, 12)
     events = wait_for_events(cold_stack, lambda es: bool(kinds(es, EventKind.REQUEST_DONE)))
     firsts = [next(i for i, e in enumerate(events) if e.kind == kind)
               for kind in COLD_START_ORDER]
@@ -92,7 +81,7 @@ def test_a_second_request_is_served_warm_without_a_new_placement(
 ) -> None:
     text, seconds = complete(client, cold_stack)
 
-    assert text == expected_text(reference_engine, 12)
+    assert text == greedy_text(reference_engine, PROMPT, 12)
     events = wait_for_events(cold_stack,
                              lambda es: len(kinds(es, EventKind.REQUEST_DONE)) == 2)
     assert len(kinds(events, EventKind.WORKER_PLACED)) == 1
@@ -111,7 +100,7 @@ def test_an_idle_worker_stops_after_its_keep_alive_and_the_next_request_cold_sta
 
     text, _ = complete(client, cold_stack)
 
-    assert text == expected_text(reference_engine, 12)
+    assert text == greedy_text(reference_engine, PROMPT, 12)
     events = wait_for_events(cold_stack,
                              lambda es: len(kinds(es, EventKind.REQUEST_DONE)) == 3)
     first, second = kinds(events, EventKind.WORKER_PLACED)

@@ -14,9 +14,9 @@ import pytest
 
 from libs.common.messages import EventKind
 from tests.conftest import temporary_database
-from tests.e2e.cluster import ColdStack, cluster, kinds, wait_for_events
+from tests.e2e.cluster import ColdStack, cluster, greedy_text, kinds, wait_for_events
 from tests.e2e.conftest import USER_KEY
-from tests.e2e.test_cold_start import PROMPT, expected_text
+from tests.e2e.test_cold_start import PROMPT
 
 if TYPE_CHECKING:
     from services.worker.engine.engine import LLMEngine
@@ -51,7 +51,7 @@ def test_a_worker_forked_from_the_zygote_answers_and_its_exit_is_reported(
                            max_retries=0, timeout=120)
     response = client.completions.create(model=fork_stack.model, prompt=PROMPT, max_tokens=12,
                                          temperature=0)
-    assert response.choices[0].text == expected_text(reference_engine, 12)
+    assert response.choices[0].text == greedy_text(reference_engine, PROMPT, 12)
 
     events = wait_for_events(fork_stack, lambda es: bool(kinds(es, EventKind.REQUEST_DONE)))
     (launched,) = kinds(events, EventKind.WORKER_LAUNCHED)

@@ -18,7 +18,7 @@ import pytest
 
 from libs.common.messages import EventKind
 from tests.conftest import temporary_database
-from tests.e2e.cluster import ColdStack, cluster, kinds, wait_for_events
+from tests.e2e.cluster import ColdStack, cluster, greedy_text, kinds, wait_for_events
 from tests.e2e.conftest import USER_KEY
 
 if TYPE_CHECKING:
@@ -42,23 +42,12 @@ def scale_stack(nats_url: str, database_url: str, demo_model_dir: Path,
         yield stack
 
 
-def expected_text(engine: LLMEngine) -> str:
-    from services.worker.engine.sequence import SamplingParams
-
-    engine.add_request("reference", PROMPT, SamplingParams(max_tokens=MAX_TOKENS,
-                                                           temperature=0.0))
-    text = ""
-    while engine.has_unfinished():
-        text += "".join(out.text for out in engine.step())
-    return text
-
-
 def test_two_requests_for_a_one_slot_endpoint_scale_out_then_the_extra_endpoint_scales_in(
     scale_stack: ColdStack, reference_engine: LLMEngine,
 ) -> None:
     client = openai.OpenAI(base_url=f"{scale_stack.base_url}/v1", api_key=USER_KEY,
                            max_retries=0, timeout=120)
-    expected = expected_text(reference_engine)
+    expected = greedy_text(reference_engine, PROMPT, MAX_TOKENS)
 
     def stream() -> str:
         chunks = client.completions.create(model=scale_stack.model, prompt=PROMPT,

@@ -38,9 +38,9 @@ from libs.common.messages import Event, EventKind
 from libs.common.settings import BusSettings
 from libs.common.subjects import EVENTS_STREAM, REQUESTS_STREAM, event_subject, request_subject
 from tests.conftest import temporary_database
-from tests.e2e.cluster import import_model, wait_for_consumer
+from tests.e2e.cluster import greedy_text, import_model, wait_for_consumer
 from tests.e2e.conftest import USER_KEY
-from tests.e2e.test_cold_start import PROMPT, expected_text
+from tests.e2e.test_cold_start import PROMPT
 from tests.processes import free_port, spawn, stop, tail, wait_for_http
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ def test_requests_queued_before_the_scheduler_ever_started_are_served(
     stack.start_scheduler()
     texts = answers(stack, futures)
 
-    assert texts == [expected_text(reference_engine, MAX_TOKENS)] * 2
+    assert texts == [greedy_text(reference_engine, PROMPT, MAX_TOKENS)] * 2
     assert (stack.logs / "scheduler-1.log").read_text().count("treating them as arrived") == 1
     print(f"\nfirst start: answered {time.monotonic() - started:.2f}s after the start")
 
@@ -257,7 +257,7 @@ def test_a_restarted_scheduler_serves_what_it_had_queued_and_what_came_while_it_
     # model A's worker (warm after the test before) holds the node's memory until its
     # keep-alive ends, counted from this answer: B has to wait
     assert answers(stack, [send(pool, stack, stack.model_a)]) == [
-        expected_text(reference_engine, MAX_TOKENS)]
+        greedy_text(reference_engine, PROMPT, MAX_TOKENS)]
     futures = [send(pool, stack, stack.model_b) for _ in range(2)]
     wait_until_queued(stack, stack.model_b, 2)
     wait_until_scheduler_caught_up(stack)
@@ -271,7 +271,7 @@ def test_a_restarted_scheduler_serves_what_it_had_queued_and_what_came_while_it_
     stack.start_scheduler()
     texts = answers(stack, futures)
 
-    assert texts == [expected_text(reference_engine, MAX_TOKENS)] * 3
+    assert texts == [greedy_text(reference_engine, PROMPT, MAX_TOKENS)] * 3
     # the two it knew of only in memory have no event left to replay: the backlog read at
     # start found them (and the third, whose replayed `request.received` changed nothing)
     assert f"model {stack.model_b}: 3 requests waiting in the backlog at start" in (

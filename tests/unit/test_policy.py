@@ -39,7 +39,7 @@ from services.scheduler.events import (
 )
 from services.scheduler.policy import SINGLE_WORKER, Policy, decide
 from services.scheduler.state import ClusterState, Fetch, ModelSpec
-from tests.policy_timeline import GB, GBPS, cluster, node_state
+from tests.policy_timeline import GB, GBPS, cluster, node_state, place_whole
 
 pytestmark = pytest.mark.unit
 
@@ -58,10 +58,7 @@ def heartbeat(node_id: str, gpu_gb: int) -> NodeHeartbeat:
 
 
 def place(worker_id: int, endpoint_id: int, node_id: str, model: ModelSpec) -> PlaceWorker:
-    return PlaceWorker(worker_id=worker_id, endpoint_id=endpoint_id, node_id=node_id,
-                       model=model.name, pipeline_degree=1, stage=0, start_layer=0,
-                       end_layer=32, gpu_memory_bytes=model.size_bytes + model.kv_cache_bytes,
-                       is_full_size=True)
+    return place_whole(worker_id, node_id, model, endpoint_id=endpoint_id)
 
 
 def run(state: ClusterState, timeline: Sequence[tuple[float, Event]], *,

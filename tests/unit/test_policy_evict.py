@@ -13,7 +13,6 @@ from libs.common.db.enums import EndpointStatus, WorkerStatus
 from services.scheduler.events import (
     Command,
     Event,
-    PlaceWorker,
     RequestArrived,
     RequestDone,
     RequestStarted,
@@ -26,7 +25,7 @@ from services.scheduler.eviction import idle_endpoints, reclaimable_bytes
 from services.scheduler.policy import HYDRASERVE, SINGLE_WORKER, Policy
 from services.scheduler.state import ClusterState, ModelSpec, NodeState
 from tests import policy_timeline
-from tests.policy_timeline import GB, node_state, run_balanced
+from tests.policy_timeline import GB, node_state, place_whole, run_balanced
 
 pytestmark = pytest.mark.unit
 
@@ -52,11 +51,7 @@ def cluster(*nodes: NodeState) -> ClusterState:
     return policy_timeline.cluster(MODELS, nodes)
 
 
-def place(worker_id: int, node_id: str, model: ModelSpec) -> PlaceWorker:
-    return PlaceWorker(worker_id=worker_id, endpoint_id=worker_id, node_id=node_id,
-                       model=model.name, pipeline_degree=1, stage=0, start_layer=0,
-                       end_layer=32, gpu_memory_bytes=model.size_bytes + model.kv_cache_bytes,
-                       is_full_size=True)
+place = place_whole
 
 
 def run(state: ClusterState, timeline: Sequence[tuple[float, Event]], *,

@@ -29,7 +29,7 @@ from services.scheduler.policy import SINGLE_WORKER, Policy, PolicyConfig
 from services.scheduler.scaling import endpoints_to_scale_in
 from services.scheduler.state import ClusterState, ModelSpec
 from tests import policy_timeline
-from tests.policy_timeline import GB, node_state, run_balanced
+from tests.policy_timeline import GB, node_state, place_whole, run_balanced
 
 pytestmark = pytest.mark.unit
 
@@ -48,10 +48,7 @@ def three_nodes() -> ClusterState:
 
 
 def place(worker_id: int, node_id: str, model: ModelSpec = LLAMA) -> PlaceWorker:
-    return PlaceWorker(worker_id=worker_id, endpoint_id=worker_id, node_id=node_id,
-                       model=model.name, pipeline_degree=1, stage=0, start_layer=0,
-                       end_layer=32, gpu_memory_bytes=model.size_bytes + model.kv_cache_bytes,
-                       is_full_size=True)
+    return place_whole(worker_id, node_id, model)
 
 
 def run(state: ClusterState, timeline: Sequence[tuple[float, Event]], *,
