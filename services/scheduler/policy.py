@@ -10,7 +10,9 @@ the calibration of the cost model from measurements. What differs between the ba
 (`POLICIES`) is the placer (`services.scheduler.placement`) and two switches: whether the
 fetch overlaps the worker's start-up, and whether pipelines consolidate. Every baseline stops
 idle endpoints to make room for a cold start (`evict_idle`, `services.scheduler.eviction`), as
-serverless platforms do; switch it off to wait for keep-alive instead.
+serverless platforms do; switch it off to wait for keep-alive instead. Every baseline also
+scales a busy model out to more endpoints and back in (`scale_out`,
+`services.scheduler.scaling`).
 
 Calibration: `WorkerReady.startup_s` is the worker's own span from process start to ready.
 With overlap the fetch runs inside that span, so the start-up constant of the TTFT formula
