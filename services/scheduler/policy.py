@@ -26,10 +26,9 @@ is a moving average (`PolicyConfig.ema_weight`).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field, replace
 
-from libs.common.db.enums import EndpointStatus, NodeStatus, WorkerStatus
+from libs.common.db.enums import EndpointStatus, WorkerStatus
 from services.scheduler.draft import Draft
 from services.scheduler.estimator import (
     ColdStartInputs,
@@ -38,28 +37,30 @@ from services.scheduler.estimator import (
     worker_gpu_bytes,
 )
 from services.scheduler.events import (
-    AnnouncePipeline,
     Command,
-    Consolidate,
     Event,
-    MarkNodeDown,
     ModelRegistered,
     NodeDown,
     NodeHeartbeat,
-    PipelineStage,
-    PlaceWorker,
     RequestArrived,
     RequestDone,
     RequestStarted,
-    RequeueRequests,
-    StopWorker,
     Tick,
     WorkerConsolidated,
     WorkerReady,
     WorkerStopped,
 )
 from services.scheduler.eviction import MemoryBook
-from services.scheduler.placement import Placer, WorkerPlan, place_pipeline, place_single_worker
+from services.scheduler.lifecycle import (
+    announce_pipeline,
+    on_node_heartbeat,
+    on_worker_consolidated,
+    on_worker_stopped,
+    scale_to_zero,
+    start_endpoint,
+    take_node_down,
+)
+from services.scheduler.placement import Placer, place_pipeline, place_single_worker
 from services.scheduler.scaling import (
     endpoints_to_scale_in,
     models_to_scale_out,
@@ -69,11 +70,8 @@ from services.scheduler.scaling import (
 from services.scheduler.state import (
     Calibration,
     ClusterState,
-    EndpointState,
-    Fetch,
     ModelSpec,
     ModelTimings,
-    NodeState,
     Request,
     WorkerState,
 )
@@ -134,13 +132,13 @@ class Policy:
             case WorkerReady():
                 self._on_worker_ready(draft, event, now)
             case WorkerConsolidated():
-                _on_worker_consolidated(draft, event)
+                on_worker_consolidated(draft, event)
             case WorkerStopped():
-                _on_worker_stopped(draft, event)
+                on_worker_stopped(draft, event)
             case NodeHeartbeat():
-                _on_node_heartbeat(draft, event, now)
+                on_node_heartbeat(draft, event, now)
             case NodeDown(node_id=node_id):
-                _take_node_down(draft, node_id)
+                take_node_down(draft, node_id)
             case Tick():
                 self._on_tick(draft, now)
         # Any event may have freed memory or added demand: deferred cold starts retry here.
@@ -150,17 +148,17 @@ class Policy:
     def _on_tick(self, draft: Draft, now: float) -> None:
         for node in sorted(draft.nodes.values(), key=lambda n: n.node_id):
             if node.is_up and now - node.last_heartbeat > self.config.heartbeat_timeout_s:
-                _take_node_down(draft, node.node_id)
+                take_node_down(draft, node.node_id)
         for endpoint in sorted(draft.endpoints.values(), key=lambda e: e.endpoint_id):
             model = draft.models[endpoint.model]
             is_idle = not any(r.model == model.name for r in draft.requests.values())
             if (endpoint.is_live and is_idle
                     and now - endpoint.last_request_at >= model.keep_alive_s):
-                _scale_to_zero(draft, endpoint)
+                scale_to_zero(draft, endpoint)
         if self.scale_out:
             for endpoint in endpoints_to_scale_in(
                     draft, now, default_capacity=self.config.endpoint_capacity):
-                _scale_to_zero(draft, endpoint)
+                scale_to_zero(draft, endpoint)
 
     def _on_worker_ready(self, draft: Draft, event: WorkerReady, now: float) -> None:
         worker = draft.workers.get(event.worker_id)
@@ -178,7 +176,7 @@ class Policy:
             return
         draft.endpoints[endpoint.endpoint_id] = replace(endpoint, state=EndpointStatus.READY)
         if endpoint.pipeline_degree > 1:
-            _announce_pipeline(draft, endpoint, siblings, consolidate=self.consolidate)
+            announce_pipeline(draft, endpoint, siblings, consolidate=self.consolidate)
 
     def _calibrate_startup(self, draft: Draft, worker: WorkerState, startup_s: float) -> None:
         overlapped_s = 0.0
@@ -251,7 +249,7 @@ class Policy:
             # a cold start comes before extra capacity: scale-outs still starting give way
             # (their fetches stop sharing links with it, their memory comes free)
             for endpoint in starting_scale_outs(draft):
-                _scale_to_zero(draft, endpoint)
+                scale_to_zero(draft, endpoint)
         for name in cold:
             if book is None:
                 book = MemoryBook(draft.freeze(), may_evict=self.evict_idle)
@@ -287,11 +285,11 @@ class Policy:
                                           is_full_size=True),
             may_wait=not is_scale_out)
         for victim in room.victims:
-            _scale_to_zero(draft, draft.endpoints[victim.endpoint_id])
+            scale_to_zero(draft, draft.endpoints[victim.endpoint_id])
         if not room.is_now or room.plans is None:
             return False
-        _start_endpoint(draft, model, room.plans, now, overlap=self.overlap,
-                        is_scale_out=is_scale_out)
+        start_endpoint(draft, model, room.plans, now, overlap=self.overlap,
+                       is_scale_out=is_scale_out)
         book.update(draft.nodes.view)
         return True
 
@@ -323,158 +321,12 @@ def _measured_or(measured: float | None, default: float) -> float:
     return default if measured is None else measured
 
 
-def _announce_pipeline(draft: Draft, endpoint: EndpointState, workers: list[WorkerState], *,
-                       consolidate: bool) -> None:
-    """Every stage is ready: the pipeline serves; its full-size worker starts consolidating."""
-    workers = sorted(workers, key=lambda w: w.stage)
-    draft.commands.append(AnnouncePipeline(
-        endpoint_id=endpoint.endpoint_id, model=endpoint.model, degree=endpoint.pipeline_degree,
-        stages=tuple(PipelineStage(worker_id=w.worker_id, node_id=w.node_id, stage=w.stage,
-                                   start_layer=w.start_layer, end_layer=w.end_layer)
-                     for w in workers)))
-    head = workers[0]
-    if consolidate and head.is_full_size:
-        partials = workers[1:]
-        draft.commands.append(Consolidate(
-            endpoint_id=endpoint.endpoint_id, worker_id=head.worker_id, node_id=head.node_id,
-            model=endpoint.model, degree=endpoint.pipeline_degree,
-            stages=tuple(w.stage for w in partials),
-            partial_worker_ids=tuple(w.worker_id for w in partials)))
-
-
-def _on_worker_consolidated(draft: Draft, event: WorkerConsolidated) -> None:
-    """The full-size worker serves the whole model: the endpoint is one worker again."""
-    worker = draft.workers.get(event.worker_id)
-    if (worker is None or not worker.is_full_size or worker.state is not WorkerStatus.READY
-            or not draft.endpoints[worker.endpoint_id].is_live):
-        return
-    endpoint = draft.endpoints[worker.endpoint_id]
-    if endpoint.pipeline_degree == 1:
-        return  # a repeated report
-    draft.workers[worker.worker_id] = replace(
-        worker, start_layer=0, end_layer=draft.models[worker.model].num_layers)
-    draft.endpoints[endpoint.endpoint_id] = replace(endpoint, pipeline_degree=1)
-    for partial in draft.workers_of(endpoint.endpoint_id):
-        if partial.worker_id != worker.worker_id:
-            _requeue(draft, partial.worker_id)
-            _stop_worker(draft, partial)
-
-
-def _on_worker_stopped(draft: Draft, event: WorkerStopped) -> None:
-    worker = draft.workers.get(event.worker_id)
-    if worker is None:
-        return
-    draft.remove_worker(worker.worker_id)
-    if worker.state is WorkerStatus.STOPPING:
-        _retire_if_empty(draft, worker.endpoint_id)
-    else:
-        # it died on its own: the endpoint cannot serve without it
-        _break_endpoint(draft, worker.endpoint_id, lost_worker_ids=[worker.worker_id])
-
-
-def _on_node_heartbeat(draft: Draft, event: NodeHeartbeat, now: float) -> None:
-    node = draft.nodes.get(event.node_id)
-    used = 0 if node is None else node.gpu_memory_bytes - node.free_gpu_memory_bytes
-    fetches = () if node is None else node.fetches
-    draft.nodes[event.node_id] = NodeState(
-        node_id=event.node_id, gpu_type=event.gpu_type, gpu_memory_bytes=event.gpu_memory_bytes,
-        free_gpu_memory_bytes=event.gpu_memory_bytes - used,
-        nic_bandwidth_bytes_per_s=event.nic_bandwidth_bytes_per_s, state=NodeStatus.UP,
-        last_heartbeat=now, fetches=fetches, cached=event.cached)
-
-
-def _take_node_down(draft: Draft, node_id: str) -> None:
-    """Mark the node down; its workers are gone, their endpoints broken."""
-    node = draft.nodes.get(node_id)
-    if node is None or not node.is_up:
-        return
-    draft.commands.append(MarkNodeDown(node_id))
-    lost = sorted((w for w in draft.workers.values() if w.node_id == node_id),
-                  key=lambda w: w.worker_id)
-    for worker in lost:
-        draft.remove_worker(worker.worker_id)
-    for endpoint_id in sorted({w.endpoint_id for w in lost}):
-        _break_endpoint(draft, endpoint_id,
-                        lost_worker_ids=[w.worker_id for w in lost if w.endpoint_id == endpoint_id])
-    draft.nodes[node_id] = replace(draft.nodes[node_id], state=NodeStatus.DOWN,
-                                   free_gpu_memory_bytes=node.gpu_memory_bytes, fetches=())
-
-
-def _break_endpoint(draft: Draft, endpoint_id: int, *, lost_worker_ids: list[int]) -> None:
-    """Requeue the lost workers' requests and stop what is left of their endpoint."""
-    for worker_id in lost_worker_ids:
-        _requeue(draft, worker_id)
-    for worker in draft.workers_of(endpoint_id):
-        _requeue(draft, worker.worker_id)
-        _stop_worker(draft, worker)
-    endpoint = draft.endpoints[endpoint_id]
-    draft.endpoints[endpoint_id] = replace(endpoint, state=EndpointStatus.DRAINING)
-    _retire_if_empty(draft, endpoint_id)
-
-
-def _scale_to_zero(draft: Draft, endpoint: EndpointState) -> None:
-    for worker in draft.workers_of(endpoint.endpoint_id):
-        _stop_worker(draft, worker)
-    draft.endpoints[endpoint.endpoint_id] = replace(endpoint, state=EndpointStatus.DRAINING)
-    _retire_if_empty(draft, endpoint.endpoint_id)
-
-
-def _stop_worker(draft: Draft, worker: WorkerState) -> None:
-    # Its memory stays reserved until WorkerStopped (the process may still hold it); the
-    # node agent cancels its fetch, if any, right away.
-    if worker.state is not WorkerStatus.STOPPING:
-        draft.commands.append(StopWorker(worker.worker_id, worker.node_id))
-        draft.workers[worker.worker_id] = replace(worker, state=WorkerStatus.STOPPING)
-        draft.end_fetch(worker)
-
-
-def _requeue(draft: Draft, worker_id: int) -> None:
-    held = sorted(r.request_id for r in draft.requests.values() if r.worker_id == worker_id)
-    for request_id in held:
-        draft.requests[request_id] = replace(draft.requests[request_id], worker_id=None)
-    if held:
-        draft.commands.append(RequeueRequests(worker_id, tuple(held)))
-
-
-def _retire_if_empty(draft: Draft, endpoint_id: int) -> None:
-    if not draft.workers_of(endpoint_id):
-        draft.endpoints.pop(endpoint_id)
-
-
 def _touch_endpoints(draft: Draft, model: str, now: float, *, default_capacity: int) -> None:
     """Restart the keep-alive clock of the model's live endpoints that its requests need
     (`scaling.needed_endpoints`): the oldest always, a later one only while the ones before
     it cannot run them all, so an extra endpoint's clock runs out once its load has gone."""
     for endpoint in needed_endpoints(draft, model, default_capacity=default_capacity):
         draft.endpoints[endpoint.endpoint_id] = replace(endpoint, last_request_at=now)
-
-
-def _start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...],
-                    now: float, *, overlap: bool, is_scale_out: bool = False) -> None:
-    """A scale-out's fetches carry no deadline: they are extra capacity, so they never make
-    a node unavailable to a cold start (whose requests have nowhere else to go)."""
-    endpoint_id = draft.new_endpoint_id()
-    draft.endpoints[endpoint_id] = EndpointState(
-        endpoint_id=endpoint_id, model=model.name, state=EndpointStatus.STARTING,
-        pipeline_degree=len(plans), created_at=now, last_request_at=now)
-    for plan in plans:
-        worker_id = draft.new_worker_id()
-        worker = WorkerState(
-            worker_id=worker_id, endpoint_id=endpoint_id, node_id=plan.node_id, model=model.name,
-            stage=plan.stage, start_layer=plan.start_layer, end_layer=plan.end_layer,
-            gpu_memory_bytes=plan.gpu_memory_bytes, is_full_size=plan.is_full_size,
-            state=WorkerStatus.STARTING, created_at=now)
-        # the bytes must be in by the time the SLO allows for the first token
-        fetch = Fetch(worker_id=worker_id, num_bytes=plan.fetch_bytes,
-                      bandwidth_bytes_per_s=plan.fetch_bandwidth_bytes_per_s, started_at=now,
-                      deadline=math.inf if is_scale_out else now + model.ttft_slo_s)
-        draft.add_worker(worker, fetch)
-        draft.commands.append(PlaceWorker(
-            worker_id=worker_id, endpoint_id=endpoint_id, node_id=plan.node_id,
-            model=model.name, pipeline_degree=len(plans), stage=plan.stage,
-            start_layer=plan.start_layer, end_layer=plan.end_layer,
-            gpu_memory_bytes=plan.gpu_memory_bytes, is_full_size=plan.is_full_size,
-            overlap=overlap))
 
 
 # The baselines of DESIGN.md, on the same core.
