@@ -95,6 +95,7 @@ async def apply_changes(session: AsyncSession, before: ClusterState, after: Clus
          for endpoint_id in before.endpoints.keys() - after.endpoints.keys()]
     worker_updates = [
         {"id": w.worker_id, "state": w.state, "ready_at": _datetime(w.ready_at),
+         "capacity": w.capacity,
          # a consolidated worker serves the whole model
          "start_layer": w.start_layer, "end_layer": w.end_layer}
         for w in _changed(before.workers, after.workers) if w.worker_id in before.workers
@@ -154,7 +155,8 @@ def _worker_state(row: Worker, model: str) -> WorkerState:
         stage=row.stage, start_layer=row.start_layer, end_layer=row.end_layer,
         gpu_memory_bytes=row.gpu_memory_bytes, is_full_size=row.is_full_size,
         state=WorkerStatus(row.state), created_at=_seconds(row.created_at),
-        ready_at=None if row.ready_at is None else _seconds(row.ready_at))
+        ready_at=None if row.ready_at is None else _seconds(row.ready_at),
+        capacity=row.capacity)
 
 
 def _fetch(row: Worker) -> Fetch:
@@ -192,4 +194,4 @@ def _worker_row(worker: WorkerState, state: ClusterState) -> dict[str, Any]:
             "fetch_deadline": (None if fetch is None or math.isinf(fetch.deadline)
                                else _datetime(fetch.deadline)),
             "created_at": _datetime(worker.created_at),
-            "ready_at": _datetime(worker.ready_at)}
+            "ready_at": _datetime(worker.ready_at), "capacity": worker.capacity}

@@ -142,7 +142,9 @@ async def test_decisions_applied_to_the_store_reload_as_the_same_state(engine: A
         NodeStatus.DOWN, (), [(1, EndpointStatus.DRAINING), (3, EndpointStatus.DRAINING)])
 
 
-async def test_a_scale_outs_fetch_without_a_deadline_reloads_as_one(engine: AsyncEngine) -> None:
+async def test_a_scale_outs_fetch_without_a_deadline_and_a_reported_capacity_reload(
+    engine: AsyncEngine,
+) -> None:
     await _add_models(engine, "llama")
     store = StateStore(create_sessionmaker(engine))
     async with asyncio.timeout(TIMEOUT_S):
@@ -157,8 +159,9 @@ async def test_a_scale_outs_fetch_without_a_deadline_reloads_as_one(engine: Asyn
     assert [c.worker_id for c in commands] == [1, 2]
     assert [(f.worker_id, f.deadline) for f in state.nodes["a"].fetches] == [(2, float("inf"))]
     assert reloaded.nodes == state.nodes
-    # the reported capacity is not stored: a restarted scheduler assumes the default
-    assert (state.workers[1].capacity, reloaded.workers[1].capacity) == (1, None)
+    # the capacity worker 1 reported when ready is stored: a restarted scheduler counts it
+    assert reloaded.workers == state.workers
+    assert reloaded.workers[1].capacity == 1
 
 
 async def test_a_restarted_scheduler_sees_the_same_endpoints_workers_and_next_ids(

@@ -200,6 +200,7 @@ class Worker(Base):
         CheckConstraint("stage >= 0", name="stage_not_negative"),
         CheckConstraint("start_layer >= 0 AND end_layer > start_layer", name="layer_range"),
         CheckConstraint("gpu_memory_bytes > 0", name="gpu_memory_bytes_positive"),
+        CheckConstraint("capacity > 0", name="capacity_positive"),
         Index(None, "node_id", "state"),
     )
 
@@ -223,4 +224,6 @@ class Worker(Base):
     fetch_deadline: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created_at()
     ready_at: Mapped[datetime | None]
+    # requests it runs at once, as it reported when ready (scale-out counts its slots)
+    capacity: Mapped[int | None]
     stopped_at: Mapped[datetime | None]
