@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy", choices=["hydraserve", "single_worker", "serverless_vllm"],
                     default="hydraserve", help="the scheduler's cold-start policy "
                                                "(default: hydraserve)")
+    up.add_argument("--max-endpoints", type=int, default=4,
+                    help="endpoints a busy model may scale out to (the scheduler's "
+                         "--max-endpoints; 1: never scale out; default: 4)")
     up.add_argument("--launcher", choices=["local", "forkserver"], default="local",
                     help="how node agents start workers: spawned, or forked from a process "
                          "with their imports (torch) done, which takes the import out of "

@@ -110,7 +110,8 @@ def worker_threads(num_nodes: int) -> int:
 def scheduler_argv(args: argparse.Namespace, *, nats_url: str, database_url: str,
                    storage_url: str) -> list[str]:
     return ["-m", "services.scheduler", "--nats", nats_url, "--database-url", database_url,
-            "--storage-url", storage_url, "--policy", args.policy]
+            "--storage-url", storage_url, "--policy", args.policy,
+            "--max-endpoints", str(args.max_endpoints)]
 
 
 def node_agent_argv(args: argparse.Namespace, index: int, *, state: Path, nats_url: str,

@@ -99,15 +99,16 @@ def test_up_passes_the_policy_launcher_and_threads_to_the_services(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from hydraserve.cli import build_parser
     from hydraserve.up import node_agent_argv, scheduler_argv
-    from services.scheduler.policy import DEFAULT_POLICY, POLICIES
+    from services.scheduler.policy import DEFAULT_POLICY, POLICIES, PolicyConfig
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     args = build_parser().parse_args(["up", "--nodes", "2", "--policy", "single_worker",
-                                      "--launcher", "forkserver", "--nic-gbps", "8"])
+                                      "--launcher", "forkserver", "--nic-gbps", "8",
+                                      "--max-endpoints", "2"])
     assert scheduler_argv(args, nats_url="nats://n", database_url="pg://d",
                           storage_url="http://s") == [
         "-m", "services.scheduler", "--nats", "nats://n", "--database-url", "pg://d",
-        "--storage-url", "http://s", "--policy", "single_worker"]
+        "--storage-url", "http://s", "--policy", "single_worker", "--max-endpoints", "2"]
     assert node_agent_argv(args, 1, state=tmp_path, nats_url="nats://n",
                            storage_url="http://s") == [
         "-m", "services.prefetcher", "--node-id", "node-1", "--gpu-memory-gb", "16.0",
@@ -115,7 +116,8 @@ def test_up_passes_the_policy_launcher_and_threads_to_the_services(
         "--work-dir", str(tmp_path / "nodes" / "node-1"), "--launcher", "forkserver",
         "--worker-arg=--threads=4"]
     defaults = build_parser().parse_args(["up"])
-    assert (defaults.policy, defaults.launcher) == (DEFAULT_POLICY, "local")
+    assert (defaults.policy, defaults.launcher, defaults.max_endpoints) == (
+        DEFAULT_POLICY, "local", PolicyConfig.max_endpoints_per_model)
     # every policy the scheduler has, and only those
     for name in POLICIES:
         assert build_parser().parse_args(["up", "--policy", name]).policy == name
