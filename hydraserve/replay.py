@@ -133,7 +133,9 @@ def decision_of(event: Event, *, index: int, cause: str = "") -> Decision | None
            "node_id": event.node_id, "model": event.model}
     data = event.data
     if event.kind == EventKind.WORKER_PLACED:
-        fields = {**ids, **{key: data.get(key) for key in _PLACED_DATA}}
+        fields = {**ids, **{key: data.get(key) for key in _PLACED_DATA},
+                  # logs from before scale-out have no flag: every placement was a cold start
+                  "scale_out": bool(data.get("scale_out", False))}
     elif event.kind == EventKind.WORKER_STOP_REQUESTED:
         fields = {"worker_id": event.worker_id, "node_id": event.node_id}
     elif event.kind == EventKind.ENDPOINT_PIPELINE_READY:

@@ -93,7 +93,8 @@ def to_outgoing(command: policy.Command, *, storage_url: str,
                           data={"degree": message.degree, "stage": message.stage,
                                 "start_layer": message.start_layer,
                                 "end_layer": message.end_layer,
-                                "gpu_bytes": message.gpu_bytes})
+                                "gpu_bytes": message.gpu_bytes,
+                                "scale_out": command.is_scale_out})
             return Outgoing(event, command_subject("node", command.node_id), message,
                             message.command_id)
         case policy.StopWorker():

@@ -114,6 +114,8 @@ class PlaceWorker:
     # True: the worker launches at once and loads behind the fetch's watermark; False
     # (`serverless_vllm`): fetch the whole partition, then launch
     overlap: bool = True
+    # extra capacity for a model that has an endpoint already (`Policy.scale_out`)
+    is_scale_out: bool = False
 
 
 @dataclass(frozen=True)

@@ -177,4 +177,4 @@ def start_endpoint(draft: Draft, model: ModelSpec, plans: tuple[WorkerPlan, ...]
             model=model.name, pipeline_degree=len(plans), stage=plan.stage,
             start_layer=plan.start_layer, end_layer=plan.end_layer,
             gpu_memory_bytes=plan.gpu_memory_bytes, is_full_size=plan.is_full_size,
-            overlap=overlap))
+            overlap=overlap, is_scale_out=is_scale_out))

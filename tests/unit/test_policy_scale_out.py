@@ -51,6 +51,11 @@ def place(worker_id: int, node_id: str, model: ModelSpec = LLAMA) -> PlaceWorker
     return place_whole(worker_id, node_id, model)
 
 
+def scale_out(worker_id: int, node_id: str) -> PlaceWorker:
+    """A llama worker placed as extra capacity (its `worker.placed` says `scale_out`)."""
+    return replace(place(worker_id, node_id), is_scale_out=True)
+
+
 def run(state: ClusterState, timeline: Sequence[tuple[float, Event]], *,
         policy: Policy = POLICY) -> tuple[ClusterState, list[Command]]:
     return run_balanced(policy, state, timeline)
@@ -66,7 +71,7 @@ def two_endpoints_serving() -> ClusterState:
     state, commands = run(three_nodes(), [
         *arrivals(0.0, 0.1, 0.2), (1.0, WorkerReady(1)), (1.0, RequestStarted("r1", 1)),
         (1.0, RequestStarted("r2", 1)), (2.0, WorkerReady(2)), (2.0, RequestStarted("r3", 2))])
-    assert commands == [place(1, "a"), place(2, "b")]
+    assert commands == [place(1, "a"), scale_out(2, "b")]
     return state
 
 
@@ -76,7 +81,7 @@ def test_no_scale_out_while_the_models_endpoint_starts_then_one_for_the_third_re
     assert commands == [place(1, "a")]
 
     state, commands = run(starting, [(1.0, WorkerReady(1))])
-    assert commands == [place(2, "b")]
+    assert commands == [scale_out(2, "b")]
     assert [(e.endpoint_id, e.state) for e in state.endpoints.values()] == [
         (1, EndpointStatus.READY), (2, EndpointStatus.STARTING)]
     # a fifth request would need a third endpoint: at most 2 a model
@@ -94,7 +99,7 @@ def test_running_requests_take_slots_and_a_free_slot_takes_the_next_request() ->
     # both slots taken: r3 waits for nothing, a second endpoint starts
     state, commands = run(state, [(2.5, RequestStarted("r2", 1)),
                                   (3.0, RequestArrived("r3", "llama"))])
-    assert commands == [place(2, "b")]
+    assert commands == [scale_out(2, "b")]
 
 
 def test_without_scale_out_the_queue_waits_for_the_one_endpoint() -> None:
@@ -211,7 +216,7 @@ def test_the_capacity_a_worker_reports_when_ready_counts_instead_of_the_default(
                                           (1.0, RequestStarted("r1", 1))])
 
     # 1 slot, taken: r2 outnumbers it (with the default 2 slots it would fit)
-    assert commands == [place(1, "a"), place(2, "b")]
+    assert commands == [place(1, "a"), scale_out(2, "b")]
     assert state.workers[1].capacity == 1
 
 
@@ -229,4 +234,4 @@ def test_a_cold_start_stops_a_scale_out_still_starting_and_it_comes_back_later()
     # tiny's fetch is done, none is in flight: llama scales out again (b's memory is not
     # back yet; c has room)
     _, commands = run(state, [(4.0, WorkerReady(3))])
-    assert commands == [place(4, "c")]
+    assert commands == [scale_out(4, "c")]
