@@ -40,8 +40,11 @@ E2E_LATENCY = Histogram("hydraserve_e2e_latency_seconds",
 QUEUED_REQUESTS = Gauge("hydraserve_scheduler_queued_requests",
                         "Requests of a model that no worker has taken yet", ["model"])
 COLD_STARTS = Counter("hydraserve_cold_starts_total",
-                      "Endpoints started from zero, by policy and pipeline degree",
+                      "Endpoints started from zero (not scale-outs), by policy and pipeline degree",
                       ["policy", "degree"])
+SCALE_OUTS = Counter("hydraserve_scale_outs_total",
+                     "Extra endpoints started for a busy model that had one, by policy and "
+                     "pipeline degree", ["policy", "degree"])
 PLACEMENTS = Counter("hydraserve_placements_total",
                      "Workers placed (PlaceWorker commands sent), by node", ["node"])
 ENDPOINTS = Gauge("hydraserve_endpoints", "Endpoints by state", ["state"])
@@ -83,6 +86,7 @@ METRIC_NAMES = frozenset({
     "hydraserve_requests_total", "hydraserve_requests_in_flight", "hydraserve_ttft_seconds",
     "hydraserve_tpot_seconds", "hydraserve_e2e_latency_seconds",
     "hydraserve_scheduler_queued_requests", "hydraserve_cold_starts_total",
+    "hydraserve_scale_outs_total",
     "hydraserve_placements_total", "hydraserve_endpoints", "hydraserve_workers",
     "hydraserve_gpu_memory_allocated_bytes", "hydraserve_gpu_memory_total_bytes",
     "hydraserve_fetch_bytes_total", "hydraserve_fetch_bandwidth_bytes_per_second",

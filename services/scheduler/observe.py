@@ -13,6 +13,7 @@ from libs.common.metrics import (
     GPU_MEMORY_TOTAL,
     PLACEMENTS,
     QUEUED_REQUESTS,
+    SCALE_OUTS,
     WORKERS,
 )
 from services.scheduler import events as policy_events
@@ -26,7 +27,8 @@ def record_decision(before: ClusterState, after: ClusterState,
         if isinstance(command, policy_events.PlaceWorker):
             PLACEMENTS.labels(node=command.node_id).inc()
             if command.stage == 0:  # one per new endpoint
-                COLD_STARTS.labels(policy=policy, degree=str(command.pipeline_degree)).inc()
+                started = SCALE_OUTS if command.is_scale_out else COLD_STARTS
+                started.labels(policy=policy, degree=str(command.pipeline_degree)).inc()
     if before.requests is not after.requests or before.models is not after.models:
         queued = Counter(r.model for r in after.requests.values() if r.worker_id is None)
         for model in after.models:

@@ -162,10 +162,14 @@ def test_a_decision_counts_its_cold_start_and_sets_the_queue_depth() -> None:
         worker_id=1, endpoint_id=1, node_id="n-observe", model=model, pipeline_degree=2,
         stage=0, start_layer=0, end_layer=2, gpu_memory_bytes=1, is_full_size=True)
     cold_starts = metrics.COLD_STARTS.labels(policy="hydraserve", degree="2")
+    scale_outs = metrics.SCALE_OUTS.labels(policy="hydraserve", degree="2")
     placements = metrics.PLACEMENTS.labels(node="n-observe")
-    cold_before, placed_before = cold_starts._value.get(), placements._value.get()
-    record_decision(before, after, [place, dataclasses.replace(place, stage=1)],
+    cold_before, scaled_before = cold_starts._value.get(), scale_outs._value.get()
+    placed_before = placements._value.get()
+    extra = dataclasses.replace(place, worker_id=3, endpoint_id=2, is_scale_out=True)
+    record_decision(before, after, [place, dataclasses.replace(place, stage=1), extra],
                     policy="hydraserve")
     assert cold_starts._value.get() == cold_before + 1
-    assert placements._value.get() == placed_before + 2
+    assert scale_outs._value.get() == scaled_before + 1
+    assert placements._value.get() == placed_before + 3
     assert metrics.QUEUED_REQUESTS.labels(model=model)._value.get() == 1
