@@ -15,11 +15,12 @@ GBPS = 10**9 // 8  # bytes per second in one gigabit per second
 
 
 def node_state(node_id: str, gpu_gb: int, *, nic_gbps: int = 16, last_heartbeat: float = 0.0,
-               fetches: tuple[Fetch, ...] = ()) -> NodeState:
-    """An UP A10 node with all of its `gpu_gb` free."""
+               fetches: tuple[Fetch, ...] = (), nic_id: str = "") -> NodeState:
+    """An UP A10 node with all of its `gpu_gb` free (`nic_id`: the NIC it shares)."""
     return NodeState(node_id=node_id, gpu_type="A10", gpu_memory_bytes=gpu_gb * GB,
                      free_gpu_memory_bytes=gpu_gb * GB, nic_bandwidth_bytes_per_s=nic_gbps * GBPS,
-                     state=NodeStatus.UP, last_heartbeat=last_heartbeat, fetches=fetches)
+                     state=NodeStatus.UP, last_heartbeat=last_heartbeat, fetches=fetches,
+                     nic_id=nic_id)
 
 
 def cluster(models: Sequence[ModelSpec], nodes: Sequence[NodeState]) -> ClusterState:

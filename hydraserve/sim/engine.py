@@ -347,7 +347,8 @@ class Simulator:
         cached = cache.keys() if cache is not None else frozenset()
         for node_id in server.node_ids():
             self.feed(NodeHeartbeat(node_id, server.gpu_type, server.gpu_memory_bytes,
-                                    int(server.nic_bytes_per_s), cached=cached))
+                                    int(server.nic_bytes_per_s), cached=cached,
+                                    nic_id=server.name))
 
     # --- worker life cycle -----------------------------------------------------------------
 

@@ -76,6 +76,8 @@ class NodeHeartbeat:
     nic_bandwidth_bytes_per_s: int
     # partitions in the node's host-memory cache, `<model>/<degree>/<stage>`
     cached: frozenset[str] = frozenset()
+    # the NIC it shares with other nodes (the GPUs of one server); "": a NIC of its own
+    nic_id: str = ""
 
 
 @dataclass(frozen=True)

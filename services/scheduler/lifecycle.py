@@ -91,7 +91,7 @@ def on_node_heartbeat(draft: Draft, event: NodeHeartbeat, now: float) -> None:
         node_id=event.node_id, gpu_type=event.gpu_type, gpu_memory_bytes=event.gpu_memory_bytes,
         free_gpu_memory_bytes=event.gpu_memory_bytes - used,
         nic_bandwidth_bytes_per_s=event.nic_bandwidth_bytes_per_s, state=NodeStatus.UP,
-        last_heartbeat=now, fetches=fetches, cached=event.cached)
+        last_heartbeat=now, fetches=fetches, cached=event.cached, nic_id=event.nic_id)
 
 
 def take_node_down(draft: Draft, node_id: str) -> None:

@@ -20,7 +20,7 @@ from services.scheduler.estimator import (
     estimate_ttft,
     worker_gpu_bytes,
 )
-from services.scheduler.state import ModelSpec, NodeState
+from services.scheduler.state import Fetch, ModelSpec, NodeState
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def place_single_worker(nodes: Mapping[str, NodeState], model: ModelSpec, now: f
                                           -n.free_gpu_memory_bytes, n.node_id))
     if node.holds_model(model.name):
         return (_cached_plan(node, model, num_bytes),)
-    share = node.nic_bandwidth_bytes_per_s / (len(node.fetches) + 1)
+    share = node.nic_bandwidth_bytes_per_s / (len(nic_fetches(nodes)[node.nic_key]) + 1)
     return (WorkerPlan(node_id=node.node_id, stage=0, start_layer=0, end_layer=model.num_layers,
                        gpu_memory_bytes=num_bytes, is_full_size=True,
                        fetch_bytes=model.size_bytes, fetch_bandwidth_bytes_per_s=share),)
@@ -88,8 +88,10 @@ class _Pipelines:
         full_bytes = worker_gpu_bytes(size_bytes=model.size_bytes,
                                       kv_cache_bytes=model.kv_cache_bytes, degree=1,
                                       is_full_size=True)
+        on_nic = nic_fetches(nodes)
         bandwidths = {n.node_id: available_bandwidth(
-            nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=n.fetches, now=now)
+            nic_bandwidth_bytes_per_s=n.nic_bandwidth_bytes_per_s, fetches=on_nic[n.nic_key],
+            now=now)
             for n in nodes.values() if n.is_up}
         ranked = sorted((n for n in nodes.values() if bandwidths.get(n.node_id, 0.0) > 0),
                         key=lambda n: (-bandwidths[n.node_id], -n.free_gpu_memory_bytes,
@@ -102,9 +104,16 @@ class _Pipelines:
         None if there are too few (or no head)."""
         if self.head is None:
             return None
-        rest = [n for n in self.ranked if n.node_id != self.head.node_id
-                and n.free_gpu_memory_bytes >= self.partial_bytes(degree)]
-        return [self.head, *rest[:degree - 1]] if len(rest) >= degree - 1 else None
+        # one stage per NIC: stages behind one NIC would share it, not add to it
+        chosen, nics = [self.head], {self.head.nic_key}
+        for node in self.ranked:
+            if len(chosen) == degree:
+                break
+            if (node.nic_key not in nics
+                    and node.free_gpu_memory_bytes >= self.partial_bytes(degree)):
+                chosen.append(node)
+                nics.add(node.nic_key)
+        return chosen if len(chosen) == degree else None
 
     def partial_bytes(self, degree: int) -> int:
         return worker_gpu_bytes(size_bytes=self.model.size_bytes,
@@ -170,6 +179,14 @@ def place_pipeline(nodes: Mapping[str, NodeState], model: ModelSpec, now: float,
     # No degree meets the SLOs: spend no more than one worker on a cold start that is late
     # anyway.
     return pipelines.single()
+
+
+def nic_fetches(nodes: Mapping[str, NodeState]) -> dict[str, list[Fetch]]:
+    """NIC (`NodeState.nic_key`) -> the fetches in flight through it, on all its nodes."""
+    on_nic: dict[str, list[Fetch]] = {n.nic_key: [] for n in nodes.values()}
+    for node in nodes.values():
+        on_nic[node.nic_key].extend(node.fetches)
+    return on_nic
 
 
 def _cached_plan(node: NodeState, model: ModelSpec, num_bytes: int) -> WorkerPlan:

@@ -105,6 +105,13 @@ class NodeState:
     fetches: tuple[Fetch, ...] = ()
     # partitions in the node's host-memory cache (`<model>/<degree>/<stage>`, heartbeats)
     cached: frozenset[str] = frozenset()
+    # the NIC it shares with other nodes; "": a NIC of its own (`nic_key`)
+    nic_id: str = ""
+
+    @property
+    def nic_key(self) -> str:
+        """Nodes with the same key fetch through one NIC."""
+        return self.nic_id or self.node_id
 
     def holds_model(self, model: str) -> bool:
         """The whole model is in this node's host-memory cache (degree 1, stage 0)."""

@@ -99,6 +99,30 @@ def test_a_node_whose_share_would_make_a_fetch_in_flight_miss_its_deadline_is_no
                         place(2, "c", degree=2, stage=1, layers=(16, 32), gpu_bytes=HALF)]
 
 
+def test_the_stages_of_a_pipeline_go_behind_different_nics() -> None:
+    # c and b are GPUs of one server: one NIC. Two stages there would share its 2 GB/s, so
+    # stage 1 goes to a, the next fastest behind another NIC
+    nodes = [node_state("a", 24, nic_id="s2"), node_state("b", 40, nic_id="s1"),
+             node_state("c", 80, nic_id="s1")]
+
+    _, commands = run(HYDRASERVE, cluster([LLAMA], nodes), [(0.0, RequestArrived("r1", "llama"))])
+
+    assert commands == [place(1, "c", degree=2, stage=0, layers=(0, 16), gpu_bytes=FULL),
+                        place(2, "a", degree=2, stage=1, layers=(16, 32), gpu_bytes=HALF)]
+
+
+def test_a_fetch_on_one_gpu_of_a_server_halves_the_share_of_the_others() -> None:
+    busy = Fetch(worker_id=99, num_bytes=1 * GB, bandwidth_bytes_per_s=16 * GBPS,
+                 started_at=0.0, deadline=100.0)
+    nodes = [node_state("g0", 40, nic_id="s1", fetches=(busy,)), node_state("g1", 40,
+                                                                             nic_id="s1")]
+
+    state, _ = run(SINGLE_WORKER, cluster([LLAMA], nodes), [(0.0, RequestArrived("r1", "llama"))])
+
+    (planned,) = [f for n in state.nodes.values() for f in n.fetches if f.worker_id == 1]
+    assert planned.bandwidth_bytes_per_s == 16 * GBPS / 2
+
+
 def test_when_no_degree_meets_the_slo_one_whole_model_worker_is_placed() -> None:
     # 1 Gbps: even 4 stages fetch for 26 s
     nodes = [node_state(name, gb, nic_gbps=1) for name, gb in [("a", 24), ("b", 40), ("c", 40),
