@@ -143,7 +143,8 @@ def show_timeline(request_id: str, events: list[Event], out: TextIO, *,
 
 def replay_events(args: argparse.Namespace, out: TextIO) -> int:
     """`events replay`: 0 if the policy decides what the stored events recorded, else 1."""
-    from hydraserve.replay import build_policy, replay
+    from hydraserve.replay import replay
+    from services.scheduler.policy import build_policy
 
     chosen = build_policy(args.policy, degree=args.degree,
                           heartbeat_timeout_s=args.heartbeat_timeout,

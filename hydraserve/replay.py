@@ -17,8 +17,6 @@ the log must start before that scheduler's start (docs/EVENTS.md).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +29,7 @@ from services.scheduler.commands import (
     to_outgoing,
     to_policy_event,
 )
-from services.scheduler.placement import place_fixed_degree
-from services.scheduler.policy import POLICIES, Policy, PolicyConfig
+from services.scheduler.policy import Policy
 from services.scheduler.state import ClusterState
 
 # the command events the scheduler publishes, compared between the log and the policy
@@ -107,24 +104,6 @@ class ReplayResult:
         else:
             lines = self.divergence.format()
         return lines + [f"note: {note}" for note in self.notes]
-
-
-def build_policy(name: str, *, degree: int | None = None, heartbeat_timeout_s: float = 15.0,
-                 max_endpoints: int = 4, capacity: int = 8) -> Policy:
-    """The policy the scheduler runs with `--policy name [--degree N] [--max-endpoints N]`
-    and workers of `capacity` (its `__main__`)."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; one of {', '.join(sorted(POLICIES))}")
-    chosen = dataclasses.replace(
-        POLICIES[name], scale_out=max_endpoints > 1,
-        config=PolicyConfig(heartbeat_timeout_s=heartbeat_timeout_s, endpoint_capacity=capacity,
-                            max_endpoints_per_model=max_endpoints))
-    if degree is not None:
-        if name != "hydraserve":
-            raise ValueError("--degree goes with --policy hydraserve")
-        chosen = dataclasses.replace(
-            chosen, placer=functools.partial(place_fixed_degree, degree=degree))
-    return chosen
 
 
 def decision_of(event: Event, *, index: int, cause: str = "") -> Decision | None:

@@ -279,12 +279,10 @@ class KubernetesLauncher:
             try:
                 await asyncio.to_thread(self._api.delete_namespaced_pod, name, t.namespace,
                                         grace_period_seconds=0)
-            except ApiException as exc:
-                if exc.status != _NOT_FOUND:
+            except (ApiException, HTTPError) as exc:
+                if not (isinstance(exc, ApiException) and exc.status == _NOT_FOUND):
                     logger.error("deleting worker pod %s/%s failed: %s", t.namespace, name,
                                  exc)
-            except HTTPError as exc:
-                logger.error("deleting worker pod %s/%s failed: %s", t.namespace, name, exc)
 
     async def launch(self, spec: WorkerSpec) -> WorkerPod:
         t = self.template

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import functools
 import logging
 import signal
 import sys
@@ -25,8 +23,7 @@ from libs.common.logging import configure_logging
 from libs.common.metrics import serve_metrics
 from libs.common.settings import Settings
 from libs.common.tracing import configure_tracing
-from services.scheduler.placement import place_fixed_degree
-from services.scheduler.policy import DEFAULT_POLICY, POLICIES, PolicyConfig
+from services.scheduler.policy import DEFAULT_POLICY, POLICIES, PolicyConfig, build_policy
 from services.scheduler.registration import ModelRegistration
 from services.scheduler.service import SchedulerConfig, SchedulerService
 
@@ -89,24 +86,15 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     nats_settings = settings.nats.model_copy(update={"url": args.nats} if args.nats else {})
-    if args.max_endpoints < 1:
-        logger.error("--max-endpoints must be at least 1")
+    try:
+        policy = build_policy(args.policy, degree=args.degree,
+                              heartbeat_timeout_s=args.heartbeat_timeout,
+                              max_endpoints=args.max_endpoints,
+                              capacity=settings.worker.capacity,
+                              consolidate=args.consolidate, evict=args.evict)
+    except ValueError as exc:
+        logger.error("%s", exc)
         return 2
-    policy = dataclasses.replace(
-        POLICIES[args.policy], scale_out=args.max_endpoints > 1,
-        config=PolicyConfig(heartbeat_timeout_s=args.heartbeat_timeout,
-                            endpoint_capacity=settings.worker.capacity,
-                            max_endpoints_per_model=args.max_endpoints))
-    if args.degree is not None:
-        if args.policy != "hydraserve":
-            logger.error("--degree goes with --policy hydraserve")
-            return 2
-        policy = dataclasses.replace(
-            policy, placer=functools.partial(place_fixed_degree, degree=args.degree))
-    if not args.consolidate:
-        policy = dataclasses.replace(policy, consolidate=False)
-    if not args.evict:
-        policy = dataclasses.replace(policy, evict_idle=False)
     service = SchedulerService(build_config(args, settings), nats=nats_settings,
                                bus=settings.bus, policy=policy)
     return await service.run(stop)

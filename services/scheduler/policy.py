@@ -60,7 +60,12 @@ from services.scheduler.lifecycle import (
     start_endpoint,
     take_node_down,
 )
-from services.scheduler.placement import Placer, place_pipeline, place_single_worker
+from services.scheduler.placement import (
+    Placer,
+    place_fixed_degree,
+    place_pipeline,
+    place_single_worker,
+)
 from services.scheduler.scaling import (
     endpoints_to_scale_in,
     models_to_scale_out,
@@ -340,6 +345,32 @@ HYDRASERVE = Policy(placer=place_pipeline, consolidate=True)
 POLICIES: dict[str, Policy] = {"serverless_vllm": SERVERLESS_VLLM,
                                "single_worker": SINGLE_WORKER, "hydraserve": HYDRASERVE}
 DEFAULT_POLICY = "hydraserve"
+
+
+def build_policy(name: str, *, degree: int | None = None, heartbeat_timeout_s: float = 15.0,
+                 max_endpoints: int = PolicyConfig.max_endpoints_per_model,
+                 capacity: int = PolicyConfig.endpoint_capacity, consolidate: bool = True,
+                 evict: bool = True) -> Policy:
+    """The policy the scheduler runs with `--policy name [--degree N] [--max-endpoints N]
+    [--no-consolidate] [--no-evict]` and workers of `capacity`: its `__main__`, and event
+    replay (which must decide as it did). ValueError names a flag that does not fit."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; one of {', '.join(sorted(POLICIES))}")
+    if max_endpoints < 1:
+        raise ValueError("--max-endpoints must be at least 1")
+    chosen = replace(
+        POLICIES[name], scale_out=max_endpoints > 1,
+        config=PolicyConfig(heartbeat_timeout_s=heartbeat_timeout_s, endpoint_capacity=capacity,
+                            max_endpoints_per_model=max_endpoints))
+    if degree is not None:
+        if name != "hydraserve":
+            raise ValueError("--degree goes with --policy hydraserve")
+        chosen = replace(chosen, placer=functools.partial(place_fixed_degree, degree=degree))
+    if not consolidate:
+        chosen = replace(chosen, consolidate=False)
+    if not evict:
+        chosen = replace(chosen, evict_idle=False)
+    return chosen
 
 
 def decide(state: ClusterState, event: Event, now: float) -> tuple[ClusterState, list[Command]]:

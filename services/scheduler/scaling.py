@@ -18,11 +18,44 @@ Pure functions of the state, like the rest of the policy.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from libs.common.db.enums import EndpointStatus
 from services.scheduler.draft import Draft
 from services.scheduler.state import ClusterState, EndpointState
+
+
+@dataclass(frozen=True)
+class _Load:
+    """Where the models' requests are, in one pass over the state."""
+
+    # model -> its live endpoints, oldest first
+    live: dict[str, list[EndpointState]]
+    # model -> its requests, queued or running (anywhere)
+    demand: Counter[str]
+    # model -> its requests waiting for a slot
+    queued: Counter[str]
+    # endpoint id -> the requests its workers run
+    running: Counter[int]
+
+    @classmethod
+    def of(cls, state: ClusterState | Draft) -> _Load:
+        live: dict[str, list[EndpointState]] = {}
+        for endpoint in sorted(state.endpoints.values(), key=lambda e: e.endpoint_id):
+            if endpoint.is_live:
+                live.setdefault(endpoint.model, []).append(endpoint)
+        demand: Counter[str] = Counter()
+        queued: Counter[str] = Counter()
+        running: Counter[int] = Counter()
+        for request in state.requests.values():
+            demand[request.model] += 1
+            if request.worker_id is None:
+                queued[request.model] += 1
+            elif (worker := state.workers.get(request.worker_id)) is not None:
+                running[worker.endpoint_id] += 1
+        return cls(live, demand, queued, running)
 
 
 def models_to_scale_out(draft: Draft, models: Iterable[str], *, default_capacity: int,
@@ -33,29 +66,19 @@ def models_to_scale_out(draft: Draft, models: Iterable[str], *, default_capacity
     wanted = set(models)
     if not wanted:
         return []
+    load = _Load.of(draft)
     capacities = endpoint_capacities(draft, default=default_capacity)
-    endpoints: dict[str, list[int]] = {m: [] for m in wanted}
-    for endpoint in draft.endpoints.values():
-        if endpoint.model in wanted and endpoint.is_live:
-            endpoints[endpoint.model].append(endpoint.endpoint_id)
-    live = {e for ids in endpoints.values() for e in ids}
-    queued = dict.fromkeys(wanted, 0)
-    running = dict.fromkeys(wanted, 0)
-    for request in draft.requests.values():
-        if request.model not in wanted:
+    chosen = []
+    for model in wanted:
+        endpoints = load.live.get(model, [])
+        if (len(endpoints) >= max_endpoints
+                or any(e.state is not EndpointStatus.READY for e in endpoints)):
             continue
-        if request.worker_id is None:
-            queued[request.model] += 1
-        else:
-            worker = draft.workers.get(request.worker_id)
-            if worker is not None and worker.endpoint_id in live:
-                running[request.model] += 1
-    starting = {e.model for e in draft.endpoints.values()
-                if e.model in wanted and e.is_live and e.state is not EndpointStatus.READY}
-    return [m for m in wanted
-            if m not in starting and len(endpoints[m]) < max_endpoints
-            and queued[m] > sum(capacities.get(e, default_capacity) for e in endpoints[m])
-            - running[m]]
+        free = sum(capacities.get(e.endpoint_id, default_capacity) - load.running[e.endpoint_id]
+                   for e in endpoints)
+        if load.queued[model] > free:
+            chosen.append(model)
+    return chosen
 
 
 def starting_scale_outs(draft: Draft) -> list[EndpointState]:
@@ -69,13 +92,13 @@ def starting_scale_outs(draft: Draft) -> list[EndpointState]:
 
 def endpoint_capacities(state: ClusterState | Draft, *, default: int) -> dict[int, int]:
     """Endpoint id -> requests it runs at once: what its stage-0 worker reported when it got
-    ready, else `default` (a starting worker; a state rebuilt from Postgres)."""
+    ready, else `default` (a starting worker)."""
     return {w.endpoint_id: w.capacity or default for w in state.workers.values()
             if w.stage == 0}
 
 
 def _is_needed(endpoints: list[EndpointState], demand: int,
-            capacities: Mapping[int, int]) -> list[bool]:
+               capacities: Mapping[int, int]) -> list[bool]:
     """For a model's live endpoints, oldest first: whether each is needed, i.e. the oldest,
     or the model has more requests (`demand`, queued or running) than the ones before it
     run at once."""
@@ -92,42 +115,27 @@ def endpoints_to_scale_in(state: ClusterState | Draft, now: float, *,
 
     A model's endpoint after its oldest is needed while the model has more requests, queued
     or running, than the endpoints before it run at once (`_is_needed`, with each endpoint's
-    capacity); `_touch_endpoints` restarts its keep-alive clock only then. Each endpoint
-    not needed now that is READY and whose clock ran out is one too
-    many; as many of the model's READY endpoints are stopped, those running the fewest
-    requests first (the newest on a tie), so an idle one goes before a busy one drains."""
-    demand: dict[str, int] = {}
-    for request in state.requests.values():
-        demand[request.model] = demand.get(request.model, 0) + 1
-    live: dict[str, list[EndpointState]] = {}
-    for endpoint in sorted(state.endpoints.values(), key=lambda e: e.endpoint_id):
-        if endpoint.is_live:
-            live.setdefault(endpoint.model, []).append(endpoint)
-    surplus: dict[str, int] = {}
-    capacities: dict[int, int] | None = None
-    for model, endpoints in live.items():
+    capacity); `_touch_endpoints` restarts its keep-alive clock only then. Each endpoint not
+    needed now that is READY and whose clock ran out is one too many; as many of the model's
+    READY endpoints are stopped, those running the fewest requests first (the newest on a
+    tie), so an idle one goes before a busy one drains."""
+    load = _Load.of(state)
+    if all(len(endpoints) < 2 for endpoints in load.live.values()):
+        return []
+    capacities = endpoint_capacities(state, default=default_capacity)
+    due = []
+    for model, endpoints in sorted(load.live.items()):
         if len(endpoints) < 2:
             continue
-        if capacities is None:
-            capacities = endpoint_capacities(state, default=default_capacity)
         keep_alive_s = state.models[model].keep_alive_s
-        surplus[model] = sum(
-            1 for e, is_needed in zip(endpoints, _is_needed(endpoints, demand.get(model, 0),
-                                                         capacities), strict=True)
+        surplus = sum(
+            1 for e, is_needed in zip(endpoints, _is_needed(endpoints, load.demand[model],
+                                                            capacities), strict=True)
             if not is_needed and e.state is EndpointStatus.READY
             and now - e.last_request_at >= keep_alive_s)
-    if not any(surplus.values()):
-        return []
-    running: dict[int, int] = {}
-    for request in state.requests.values():
-        worker = None if request.worker_id is None else state.workers.get(request.worker_id)
-        if worker is not None:
-            running[worker.endpoint_id] = running.get(worker.endpoint_id, 0) + 1
-    due = []
-    for model, count in sorted(surplus.items()):
-        ready = [e for e in live[model] if e.state is EndpointStatus.READY]
-        ready.sort(key=lambda e: (running.get(e.endpoint_id, 0), -e.endpoint_id))
-        due += ready[:count]
+        ready = sorted((e for e in endpoints if e.state is EndpointStatus.READY),
+                       key=lambda e: (load.running[e.endpoint_id], -e.endpoint_id))
+        due += ready[:surplus]
     return sorted(due, key=lambda e: e.endpoint_id)
 
 

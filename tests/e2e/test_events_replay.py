@@ -18,8 +18,9 @@ import pytest
 
 from hydraserve.event_view import EventFilter
 from hydraserve.events import collect
-from hydraserve.replay import build_policy, replay
+from hydraserve.replay import replay
 from libs.common.messages import Event, EventKind
+from services.scheduler.policy import build_policy
 from tests.conftest import temporary_database
 from tests.e2e.cluster import ColdStack, cluster, kinds, logs_of, wait_for_events
 from tests.e2e.conftest import USER_KEY

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from hydraserve.cli import build_parser
-from hydraserve.replay import PROCESSING_LAG_S, build_policy, replay
+from hydraserve.replay import PROCESSING_LAG_S, replay
 from libs.common.messages import Event, EventKind, NodeInfo
 from services.scheduler import events as policy
 from services.scheduler.commands import (
@@ -19,7 +19,7 @@ from services.scheduler.commands import (
     to_outgoing,
     to_policy_event,
 )
-from services.scheduler.policy import Policy
+from services.scheduler.policy import Policy, build_policy
 from services.scheduler.state import ClusterState, ModelSpec
 
 pytestmark = pytest.mark.unit
