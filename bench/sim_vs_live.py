@@ -61,6 +61,7 @@ from hydraserve.sim.live import (  # noqa: E402
     live_sim_config,
     live_size_classes,
     median_metrics,
+    resampled_within,
     scale_slos,
     solo_fetch_bytes_per_s,
 )
@@ -238,7 +239,8 @@ def predict(setup: LiveSetup, calibration: Calibration, workload: Path, *,
             ) -> Path:
     header, requests = read_workload(workload)
     config = replace(live_sim_config(setup), batch_prefill=batch_prefill,
-                     service_spread=calibration.warm_spread, seed=seed)
+                     service_spread=calibration.warm_spread, seed=seed,
+                     host_spread=calibration.host_spread)
     result = simulate(requests, policy=DEFAULT_POLICY,
                       cluster=live_cluster(setup, calibration, nic_bytes_per_s=nic_bytes_per_s),
                       config=config, workload=header,
@@ -312,13 +314,15 @@ def variants(events: list[Event], live_a: Path, live_b: Path
     before = Calibration(startup_s=calib_a.startup_s, models={
         m: replace(c, prefill_base_s=None, prefill_s_per_token=None)
         for m, c in calib_a.models.items()})
-    # warm requests at their modelled times; `_spread`: drawn from A's warm spread
-    # (docs/SIM_VS_LIVE.md: it did not predict B's median better across runs)
-    return {"sim_calib_a": (replace(calib_a, warm_spread=()), nic_a, True),
-            "sim_calib_b": (replace(calib_b, warm_spread=()),
-                            solo_fetch_bytes_per_s(events_b) or nic_a, True),
-            "sim_calib_a_spread": (calib_a, nic_a, True),
-            "sim_calib_b_spread": (calib_b, solo_fetch_bytes_per_s(events_b) or nic_a, True),
+    # warm requests at their modelled times; `_spread`: each prefill step's time drawn from A's
+    # warm spread (docs/SIM_VS_LIVE.md: it did not predict B's median better across runs);
+    # `_host`: drawn from the spread of the host's state (idle or busy) when the step starts
+    nic_b = solo_fetch_bytes_per_s(events_b) or nic_a
+    return {"sim_calib_a": (replace(calib_a, warm_spread=(), host_spread=None), nic_a, True),
+            "sim_calib_a_host": (replace(calib_a, warm_spread=()), nic_a, True),
+            "sim_calib_a_spread": (replace(calib_a, host_spread=None), nic_a, True),
+            "sim_calib_b": (replace(calib_b, warm_spread=(), host_spread=None), nic_b, True),
+            "sim_calib_b_host": (replace(calib_b, warm_spread=()), nic_b, True),
             "sim_calib_a_before_fixes": (before, None, False)}
 
 
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (calibration, nic, batch_prefill) in variants(events, live_a, live_b).items():
         # with a spread, each simulated run draws its own warm times: the prediction is the
         # median of each metric over `--sim-seeds` runs (the first run's summary is shown)
-        seeds = range(args.sim_seeds if calibration.warm_spread else 1)
+        seeds = range(args.sim_seeds if calibration.warm_spread or calibration.host_spread else 1)
         runs = [summarize(*read_results(predict(
             setup, calibration, work / "workload_b.jsonl", nic_bytes_per_s=nic,
             batch_prefill=batch_prefill, name=f"{name}_seed{seed}" if seed else name,
@@ -356,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in table({n: m for n, (_, _, m) in predictions.items()}):
         print(line)
+    # the live run's own noise: how often a bootstrap resample of its TTFTs puts a
+    # percentile within the tolerance of the measured one
+    self_check = {p: resampled_within(live.ttfts, p, tolerance=TOLERANCE) for p in (50, 90, 99)}
+    print("\nlive B resampled (bootstrap, 2000 resamples of its TTFTs): each percentile within "
+          f"{TOLERANCE:.0%} of the measured one in " + ", ".join(
+              f"p{p} {'-' if v is None else f'{v:.0%}'}" for p, v in self_check.items())
+          + " of resamples")
     calib_a, nic_a, _ = predictions["sim_calib_a"]
     print(f"\nlive: {live.overall.num_requests} requests, {live.num_workers} workers; "
           f"calibration A: {calib_a}\nNIC (solo fetches of A): {nic_a}")
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **facts, "work_dir": str(work), "tolerance": TOLERANCE,
+        "live_resampled_within": {f"p{p}": v for p, v in self_check.items()},
         "predictions": {name: {
             "calibration": _calibration_json(calibration), "nic_bytes_per_s": nic,
             "metrics": [{"name": m.name, "live": m.live, "sim": m.sim,

@@ -36,6 +36,16 @@
   another worker starts); the simulator draws each prefill step's factor from these
   percentiles (`SimConfig.service_spread`) where one value per model put every warm request
   at the median.
+- host contention (`host_spread`): the same percentiles, taken apart over the warm requests
+  received while the host was idle (no worker starting, no other request in flight, in any
+  model) and over those received while it was busy. Where every emulated node shares one
+  machine's CPU, a worker starting (`import torch`) or decoding slows every other worker's
+  prefill: a warm request took a median 23-25 ms at the gateway on an idle host and 37-41 ms
+  on a busy one, in the calibration run and in the run it predicts alike
+  (docs/SIM_VS_LIVE.md). The simulator draws each prefill step's factor from the set of the
+  host's state when the step starts (`SimConfig.host_spread`), so a run with more or fewer
+  busy moments than the calibration run gets more or fewer slow steps. On a real cluster the
+  nodes share no CPU; leave it unset there.
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from libs.common.messages import Event
 
 # first tokens of one worker this close together came out of one prefill step
 _SAME_STEP_S = 0.01
+# a host spread needs this many warm requests in each of the idle and busy sets
+_MIN_HOST_REQUESTS = 5
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,9 @@ class Calibration:
     client_overhead_s: float | None = None
     # percentiles 0, 5, ..., 100 of a warm request's TTFT over its predicted TTFT; () unknown
     warm_spread: tuple[float, ...] = ()
+    # those percentiles over the requests received on an idle and on a busy host (shared
+    # CPU); None: too few requests in either
+    host_spread: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def apply(self, cluster: Cluster) -> Cluster:
         """The cluster with the measured start-up (bandwidths are configured): the
@@ -93,19 +108,23 @@ class Calibration:
 
     def times(self, model: str, default: ServingTimes) -> ServingTimes:
         """The model's measured times (a prefill of the prompts measured), else `default`;
-        the prefill includes the dispatch and the client's overhead where known."""
+        the prefill includes the dispatch, and the client's overhead is the fixed
+        `overhead_s`, where known."""
         measured = self.models.get(model, ModelCalibration())
-        overhead_s = (self.dispatch_s or 0.0) + (self.client_overhead_s or 0.0)
+        dispatch_s = self.dispatch_s or 0.0
+        client_s = self.client_overhead_s or 0.0
         tpot_s = default.tpot_s if measured.tpot_s is None else measured.tpot_s
         if measured.prefill_base_s is not None and measured.prefill_s_per_token is not None:
-            return ServingTimes(tpot_s=tpot_s, prefill_base_s=overhead_s + measured.prefill_base_s,
-                                prefill_s_per_token=measured.prefill_s_per_token)
+            return ServingTimes(tpot_s=tpot_s, prefill_base_s=dispatch_s + measured.prefill_base_s,
+                                prefill_s_per_token=measured.prefill_s_per_token,
+                                overhead_s=client_s)
         return ServingTimes(
             tpot_s=tpot_s,
-            prefill_base_s=overhead_s + (default.prefill_base_s if measured.prefill_s is None
+            prefill_base_s=dispatch_s + (default.prefill_base_s if measured.prefill_s is None
                                          else measured.prefill_s),
             prefill_s_per_token=(default.prefill_s_per_token if measured.prefill_s is None
-                                 else 0.0))
+                                 else 0.0),
+            overhead_s=client_s)
 
 
 def calibrate(events: Sequence[Event]) -> Calibration:
@@ -143,11 +162,12 @@ def calibrate(events: Sequence[Event]) -> Calibration:
     warm = _warm_requests(events)
     dispatch_s = _median([float(d["queue_s"]) for d in warm.values()
                           if _is_number(d.get("queue_s"))])
+    ratios = _warm_ratios(warm, models, dispatch_s or 0.0)
     return Calibration(startup_s=_median(startups), fetch_bytes_per_s=_median(bandwidths),
                        models=models, worker_init_s=_median([o[0] for o in overlapped]),
                        ready_tail_s=_median([o[1] for o in overlapped]),
-                       dispatch_s=dispatch_s,
-                       warm_spread=_warm_spread(warm, models, dispatch_s or 0.0))
+                       dispatch_s=dispatch_s, warm_spread=_warm_spread(list(ratios.values())),
+                       host_spread=_host_spread(events, ratios))
 
 
 def _overlapped_startup(event: Event, placed_at: Mapping[str, float],
@@ -219,11 +239,12 @@ def _step_point(requests: list[Mapping[str, Any]]) -> tuple[float, float] | None
     return float(tokens), max(seconds)
 
 
-def _warm_spread(warm: Mapping[tuple[str, str], Mapping[str, Any]],
-                 models: Mapping[str, ModelCalibration], dispatch_s: float) -> tuple[float, ...]:
-    """Percentiles 0, 5, ..., 100 of warm TTFT / predicted TTFT; () with under 2 requests."""
-    ratios = []
-    for (model, _), data in warm.items():
+def _warm_ratios(warm: Mapping[tuple[str, str], Mapping[str, Any]],
+                 models: Mapping[str, ModelCalibration], dispatch_s: float) -> dict[str, float]:
+    """Request id -> its gateway TTFT over the TTFT predicted for it (dispatch + its model's
+    prefill line at its prompt tokens), for the warm requests with both."""
+    ratios = {}
+    for (model, request_id), data in warm.items():
         measured = models.get(model, ModelCalibration())
         usage = data.get("usage")
         tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
@@ -235,12 +256,48 @@ def _warm_spread(warm: Mapping[tuple[str, str], Mapping[str, Any]],
         else:
             continue
         if _is_number(data.get("ttft_s")) and dispatch_s + prefill_s > 0:
-            ratios.append(float(data["ttft_s"]) / (dispatch_s + prefill_s))
+            ratios[request_id] = float(data["ttft_s"]) / (dispatch_s + prefill_s)
+    return ratios
+
+
+def _warm_spread(ratios: list[float]) -> tuple[float, ...]:
+    """Percentiles 0, 5, ..., 100 of warm TTFT / predicted TTFT; () with under 2 requests."""
     if len(ratios) < 2:
         return ()
-    ratios.sort()
+    ratios = sorted(ratios)
     inner = statistics.quantiles(ratios, n=20, method="inclusive")
     return (ratios[0], *inner, ratios[-1])
+
+
+def _host_spread(events: Sequence[Event], ratios: Mapping[str, float]
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(idle, busy): the warm spread of requests received while no worker was starting and no
+    other request was in flight, and of the rest; None with under `_MIN_HOST_REQUESTS`
+    requests in either set."""
+    placed = {e.worker_id: e.time for e in events
+              if e.kind == "worker.placed" and e.worker_id is not None}
+    # a worker is starting from its placement to its first ready or stop
+    starting_until: dict[str, float] = {}
+    for event in sorted(events, key=lambda e: e.time):
+        if event.worker_id in placed and event.worker_id not in starting_until and \
+                event.kind in ("worker.ready", "worker.stop_requested", "worker.stopped"):
+            starting_until[event.worker_id] = event.time
+    received = {e.request_id: e.time for e in events
+                if e.kind == "request.received" and e.request_id}
+    done = {e.request_id: e.time for e in events
+            if e.kind in ("request.done", "request.expired") and e.request_id}
+    idle, busy = [], []
+    for request_id, ratio in ratios.items():
+        at = received.get(request_id)
+        if at is None:
+            continue
+        is_busy = any(t <= at < starting_until.get(w, math.inf) for w, t in placed.items()) \
+            or any(other != request_id and t <= at < done.get(other, math.inf)
+                   for other, t in received.items())
+        (busy if is_busy else idle).append(ratio)
+    if len(idle) < _MIN_HOST_REQUESTS or len(busy) < _MIN_HOST_REQUESTS:
+        return None
+    return _warm_spread(idle), _warm_spread(busy)
 
 
 def _warm_requests(events: Sequence[Event]) -> dict[tuple[str, str], Mapping[str, Any]]:

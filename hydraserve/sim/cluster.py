@@ -38,11 +38,14 @@ class StorageNode:
 
 @dataclass(frozen=True)
 class ServingTimes:
-    """A whole-model worker's speed: prefill = base + per_token * prompt; tpot per token."""
+    """A whole-model worker's speed: prefill = base + per_token * prompt; tpot per token;
+    `overhead_s` a fixed time on every first token beyond the prefill, which no factor
+    scales (a client's HTTP and SSE overhead)."""
 
     tpot_s: float
     prefill_base_s: float = 0.0
     prefill_s_per_token: float = 0.0
+    overhead_s: float = 0.0
 
     def prefill_s(self, prompt_tokens: int) -> float:
         return self.prefill_base_s + self.prefill_s_per_token * prompt_tokens

@@ -67,6 +67,11 @@ class SimConfig:
     service_spread: tuple[float, ...] = ()
     # seeds the draws from `service_spread`
     seed: int = 0
+    # (idle, busy) percentiles like `service_spread`'s, one set drawn from by the host's state
+    # when a step starts: busy while any worker is starting or any request is in flight
+    # (Calibration.host_spread: an emulated cluster's nodes share one CPU); None: not used.
+    # Takes the place of `service_spread`.
+    host_spread: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     keep_alive_s: float = 60.0
     # StopWorker -> WorkerStopped
     stop_delay_s: float = 0.1
@@ -80,10 +85,18 @@ class SimConfig:
     skip_idle_ticks: bool = True
 
     def __post_init__(self) -> None:
+        spreads = [self.service_spread, *(self.host_spread or ())]
         if self.tick_s <= 0 or self.max_batch < 1 or self.cache_bytes < 0 \
-                or len(self.service_spread) == 1 or any(f < 0 for f in self.service_spread) \
-                or list(self.service_spread) != sorted(self.service_spread):
+                or any(not _is_spread(s) for s in spreads) \
+                or (self.host_spread is not None and (not all(self.host_spread)
+                                                      or self.service_spread)):
             raise ValueError(f"bad simulator config: {self}")
+
+
+def _is_spread(percentiles: Sequence[float]) -> bool:
+    """() or two or more non-negative percentiles in order."""
+    return len(percentiles) != 1 and all(f >= 0 for f in percentiles) \
+        and list(percentiles) == sorted(percentiles)
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,8 @@ class Simulator:
         self._num_arrivals_left = len(self._requests)
         self.serving = Serving(self, max_batch=config.max_batch,
                                batch_prefill=config.batch_prefill,
-                               spread=config.service_spread, seed=config.seed)
+                               spread=config.service_spread, seed=config.seed,
+                               host_spread=config.host_spread)
 
     # --- the event loop ------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from hydraserve.sim.calibration import Calibration
 from hydraserve.sim.cluster import GBPS, Cluster, Server, ServingTimes, SizeClass, StorageNode
 from hydraserve.sim.engine import SimConfig
@@ -186,3 +188,21 @@ def median_metrics(runs: Sequence[Sequence[Metric]]) -> list[Metric]:
         values = [m.sim for m in same if m.sim is not None]
         merged.append(replace(same[0], sim=statistics.median(values) if values else None))
     return merged
+
+
+def resampled_within(values: Sequence[float], percentile: float, *, tolerance: float,
+                     num_resamples: int = 2000, seed: int = 0) -> float | None:
+    """How well a run pins down its own percentile: the share of bootstrap resamples of
+    `values` (as many values, drawn with replacement) whose percentile lies within
+    `tolerance` (relative) of the percentile of `values` itself. A prediction of the
+    distribution behind the run can be expected within the tolerance about as often. None
+    without values or with a percentile of 0."""
+    if not values:
+        return None
+    data = np.asarray(values, dtype=float)
+    measured = float(np.percentile(data, percentile))
+    if measured == 0:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(data), (num_resamples, len(data)))
+    resampled = np.percentile(data[draws], percentile, axis=1)
+    return float(np.mean(np.abs(resampled / measured - 1) <= tolerance))

@@ -4,8 +4,11 @@ An endpoint the policy marks READY takes its model's queued requests, oldest fir
 `max_batch` at once; batching slows nothing down, except that with `batch_prefill` the
 requests taken at one instant share one prefill of all their prompt tokens (the worker's
 engine prefills every waiting request in one step; docs/SIM_VS_LIVE.md). A request's first
-token comes a prefill after it is taken (times a factor drawn per step from `spread`, the
-calibrated percentiles of how warm requests spread on the live system; none if empty); then
+token comes a prefill after it is taken, times a factor drawn per step from calibrated
+percentiles of how warm requests spread on the live system: from `host_spread`'s idle or busy
+percentiles by the host's state when the step starts (busy: any worker starting or any request
+in flight, in any model; the nodes of an emulated cluster share one CPU), else from `spread`,
+else none; plus the fixed `overhead_s`. Then
 a token every `tpot`. While the endpoint is a degree-p pipeline both are scaled by DESIGN.md's
 factor p − a + a/p (a = 1 full-size worker) and decoding pays a per-hop cost per stage
 boundary; after consolidation the remaining tokens go at the whole worker's tpot.
@@ -106,11 +109,13 @@ class Endpoint:
 
 class Serving:
     def __init__(self, sim: Simulator, *, max_batch: int, batch_prefill: bool = False,
-                 spread: Sequence[float] = (), seed: int = 0) -> None:
+                 spread: Sequence[float] = (), seed: int = 0,
+                 host_spread: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         self._sim = sim
         self._max_batch = max_batch
         self._batch_prefill = batch_prefill
         self._spread = list(spread)
+        self._host_spread = host_spread
         self._rng = random.Random(seed)
         self.endpoints: dict[int, Endpoint] = {}
         # model -> queued (arrival, request id), oldest first
@@ -147,21 +152,32 @@ class Serving:
             while queue and len(endpoint.active) + len(taken) < self._max_batch:
                 _, request_id = queue.pop(0)
                 taken.append(self._by_id[request_id])
+            spread = self._step_spread()
             # taken together, they are prefilled in one step of all their prompt tokens
             batch_tokens = sum(r.prompt_tokens for r in taken) if self._batch_prefill else None
-            step_factor = self._draw() if self._batch_prefill else None
+            step_factor = self._draw(spread) if self._batch_prefill else None
             for request in taken:
                 self._start(endpoint, request, prefill_tokens=batch_tokens,
-                            spread=self._draw() if step_factor is None else step_factor)
+                            spread=self._draw(spread) if step_factor is None else step_factor)
 
-    def _draw(self) -> float:
+    def _step_spread(self) -> Sequence[float]:
+        """The percentiles a step starting now draws its factor from."""
+        if self._host_spread is None:
+            return self._spread
+        idle, busy = self._host_spread
+        is_busy = any(endpoint.active or any(w.ready_at is None and not w.is_stopping
+                                             for w in endpoint.workers)
+                      for endpoint in self.endpoints.values())
+        return busy if is_busy else idle
+
+    def _draw(self, spread: Sequence[float]) -> float:
         """A factor from the spread's percentiles (inverse CDF, linear between them)."""
-        if not self._spread:
+        if not spread:
             return 1.0
-        position = self._rng.random() * (len(self._spread) - 1)
+        position = self._rng.random() * (len(spread) - 1)
         low = int(position)
-        high = min(low + 1, len(self._spread) - 1)
-        return self._spread[low] + (position - low) * (self._spread[high] - self._spread[low])
+        high = min(low + 1, len(spread) - 1)
+        return spread[low] + (position - low) * (spread[high] - spread[low])
 
     def _start(self, endpoint: Endpoint, request: WorkloadRequest, *,
                prefill_tokens: int | None = None, spread: float = 1.0) -> None:
@@ -169,7 +185,7 @@ class Serving:
         now = sim.now
         times, factor = endpoint.pace()
         tokens = request.prompt_tokens if prefill_tokens is None else prefill_tokens
-        first_token_at = now + times.prefill_s(tokens) * factor * spread
+        first_token_at = now + times.prefill_s(tokens) * factor * spread + times.overhead_s
         head = endpoint.head()
         active = _Active(request, head.worker_id, now, first_token_at,
                          decode_from=first_token_at, tokens_left=request.output_tokens - 1,

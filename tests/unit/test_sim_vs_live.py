@@ -32,6 +32,7 @@ from hydraserve.sim.live import (
     live_sim_config,
     live_size_classes,
     median_metrics,
+    resampled_within,
     scale_slos,
     solo_fetch_bytes_per_s,
 )
@@ -161,6 +162,49 @@ def test_calibrate_takes_the_spread_of_warm_requests_over_their_prediction() -> 
     assert spread == pytest.approx([(0.04 + 0.01 * i) / 0.14 for i in range(21)])
 
 
+def _host_events(num_busy_starting: int) -> list[Event]:
+    """Warm requests of model m (worker 1 ready at 5 s; queue 0.01 s, 100 prompt tokens each):
+    five received on an idle host (prefill 0.04 s), `num_busy_starting` while worker 2 of
+    another model was starting (placed at 20 s, ready at 40 s; prefill 0.09 s), then "c"
+    (idle, 0.04 s, in flight 45-60 s) and "d" received while c was in flight (0.09 s)."""
+    events = [Event(kind="worker.placed", time=0.0, worker_id="1", model="m"),
+              Event(kind="worker.ready", time=5.0, worker_id="1", model="m"),
+              Event(kind="worker.placed", time=20.0, worker_id="2", model="m2"),
+              Event(kind="worker.ready", time=40.0, worker_id="2", model="m2")]
+
+    def warm(request_id: str, at: float, prefill_s: float, *, done_at: float) -> None:
+        events.append(Event(kind="request.received", time=at, model="m",
+                            request_id=request_id))
+        events.append(Event(kind="request.done", time=done_at, model="m",
+                            request_id=request_id, data={
+                                "queue_s": 0.01, "ttft_s": 0.01 + prefill_s,
+                                "usage": {"prompt_tokens": 100}}))
+
+    for i in range(5):
+        warm(f"idle{i}", 6.0 + 2 * i, 0.04, done_at=6.5 + 2 * i)
+    for i in range(num_busy_starting):
+        warm(f"busy{i}", 21.0 + 2 * i, 0.09, done_at=21.5 + 2 * i)
+    warm("c", 45.0, 0.04, done_at=60.0)
+    warm("d", 46.0, 0.09, done_at=47.0)
+    return sorted(events, key=lambda e: e.time)
+
+
+def test_calibrate_takes_the_spread_apart_by_whether_the_host_was_busy() -> None:
+    calibration = calibrate(_host_events(num_busy_starting=5))
+    # 6 prefills of 0.04 s and 6 of 0.09 s: median 0.065, + dispatch 0.01 = predicted 0.075
+    assert calibration.models["m"].prefill_s == pytest.approx(0.065)
+    assert calibration.host_spread is not None
+    idle, busy = calibration.host_spread
+    assert idle == pytest.approx([0.05 / 0.075] * 21)
+    assert busy == pytest.approx([0.10 / 0.075] * 21)
+
+
+def test_calibrate_leaves_the_host_spread_out_with_too_few_busy_requests() -> None:
+    calibration = calibrate(_host_events(num_busy_starting=3))  # 4 busy requests
+    assert calibration.host_spread is None
+    assert len(calibration.warm_spread) == 21
+
+
 def test_apply_prefers_the_overlapped_start_up_and_sets_the_tail() -> None:
     base = live_cluster(SETUP, Calibration())
     measured = Calibration(startup_s=2.0, worker_init_s=4.3, ready_tail_s=0.1).apply(base)
@@ -169,13 +213,15 @@ def test_apply_prefers_the_overlapped_start_up_and_sets_the_tail() -> None:
     assert (policy_only.startup_s, policy_only.ready_tail_s) == (2.0, 0.0)
 
 
-def test_times_add_dispatch_and_client_overhead_to_the_measured_prefill() -> None:
+def test_times_add_dispatch_to_the_measured_prefill_and_keep_the_client_overhead() -> None:
     calibration = Calibration(models={"m": ModelCalibration(prefill_s=0.2, tpot_s=0.02)},
                               dispatch_s=0.01, client_overhead_s=0.03)
     default = ServingTimes(tpot_s=0.5, prefill_base_s=1.0, prefill_s_per_token=0.1)
+    # the client's overhead is fixed: no spread or pipeline factor scales it
     assert calibration.times("m", default) == ServingTimes(
-        tpot_s=0.02, prefill_base_s=pytest.approx(0.24), prefill_s_per_token=0.0)
-    assert calibration.times("other", default).prefill_base_s == pytest.approx(1.04)
+        tpot_s=0.02, prefill_base_s=pytest.approx(0.21), prefill_s_per_token=0.0,
+        overhead_s=0.03)
+    assert calibration.times("other", default).prefill_base_s == pytest.approx(1.01)
 
 
 # --- the simulator ---------------------------------------------------------------------------
@@ -232,10 +278,49 @@ def test_each_prefill_step_takes_a_factor_drawn_from_the_spread() -> None:
     assert drawn != warm_ttfts((1.0, 2.0, 5.0), seed=1)
 
 
+def test_a_step_draws_from_the_spread_of_the_host_state_when_it_starts() -> None:
+    setup = LiveSetup(num_nodes=2, gpu_memory_gib=4.0, nic_gbps=0.08, keep_alive_s=1000.0,
+                      models={m: LiveModel(size_bytes=20_000_000, num_layers=4)
+                              for m in ("sv-0", "sv-1")})
+    calibration = Calibration(models={m: ModelCalibration(
+        prefill_base_s=0.05, prefill_s_per_token=0.0, tpot_s=0.02) for m in ("sv-0", "sv-1")},
+        worker_init_s=3.0, client_overhead_s=0.01)
+    requests = [
+        request("cold", 0.0),  # its step starts when its worker is ready: nothing else runs
+        request("idle", 5.0),
+        request("decoding", 10.0),  # in flight until 10.06 + 10 tokens x 0.02 = 10.26
+        request("beside-decoding", 10.1),
+        request("other-model-cold", 20.0, model="sv-1"),  # its worker starts 20-23
+        request("beside-starting", 21.0),
+        request("idle-again", 30.0),
+    ]
+    config = SimConfig(keep_alive_s=1000.0, max_pipeline_degree=1, batch_prefill=True,
+                       host_spread=((1.0, 1.0), (3.0, 3.0)))
+    results = simulate(requests, policy="hydraserve", cluster=live_cluster(setup, calibration),
+                       config=config, size_classes=live_size_classes(setup, calibration)).results
+    ttfts = {r.request_id: r.ttft_s for r in results}
+    # idle: prefill 0.05 x 1 + the client's 0.01; busy: 0.05 x 3 + 0.01
+    assert ttfts == pytest.approx({
+        "cold": 3.0 + 0.06, "idle": 0.06, "decoding": 0.06, "beside-decoding": 0.16,
+        "other-model-cold": 3.0 + 0.06, "beside-starting": 0.16, "idle-again": 0.06})
+
+
 @pytest.mark.parametrize("spread", [(1.0,), (2.0, 1.0), (-1.0, 1.0)])
 def test_a_spread_must_be_ascending_non_negative_percentiles(spread: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="bad simulator config"):
         SimConfig(service_spread=spread)
+    with pytest.raises(ValueError, match="bad simulator config"):
+        SimConfig(host_spread=((1.0, 1.0), spread))
+
+
+@pytest.mark.parametrize(("service", "host"), [
+    ((), ((), (1.0, 2.0))),  # a host state with no percentiles
+    ((1.0, 2.0), ((1.0, 2.0), (1.0, 2.0))),  # both kinds of spread at once
+])
+def test_a_host_spread_needs_both_sets_and_no_service_spread(
+        service: tuple[float, ...], host: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
+    with pytest.raises(ValueError, match="bad simulator config"):
+        SimConfig(service_spread=service, host_spread=host)
 
 
 def test_a_class_named_like_the_model_wins_over_the_size_in_its_name() -> None:
@@ -346,3 +431,17 @@ def test_median_metrics_takes_each_metrics_median_over_the_simulated_runs() -> N
             for sim in (0.9, 1.3, 1.0)]
     merged = median_metrics(runs)
     assert merged == [Metric("p50", 1.0, 1.0), Metric("cost", 2.0, None, is_target=False)]
+
+
+def test_resampling_a_run_shows_how_firmly_it_pins_its_own_percentile() -> None:
+    assert resampled_within([0.05] * 80, 50, tolerance=0.15) == 1.0
+    # 0.05, 0.051, ..., 0.129: a resampled median rarely strays 15 % (0.013 s) from 0.0895
+    assert resampled_within([0.05 + 0.001 * i for i in range(80)], 50,
+                            tolerance=0.15) > 0.95
+    # the median on a cliff between warm (0.05 s) and cold (5 s) requests: a resample's
+    # median is one side or the other, rarely within 15 % of the middle
+    cliff = [0.05] * 40 + [5.0] * 40
+    assert resampled_within(cliff, 50, tolerance=0.15) < 0.2
+    assert resampled_within(cliff, 50, tolerance=0.15) == resampled_within(
+        cliff, 50, tolerance=0.15)  # seeded
+    assert resampled_within([], 50, tolerance=0.15) is None
