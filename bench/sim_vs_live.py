@@ -5,21 +5,32 @@ In one run:
    (embedded NATS and PostgreSQL, `--nodes` emulated nodes with a NIC cap set so that one
    fetch takes `--fetch-s`), then registers the model under `--num-models` names with a short
    keep-alive and whole-model workers only (`--max-degree`, default 1);
-2. generates two seeded workloads with `hydraserve workload generate` (gamma arrivals, CV
-   `--cv`): run A (`--calib-seed`, `--calib-duration`) to calibrate from, run B (`--seed`,
-   `--duration`) to predict; their TTFT SLOs are scaled by `--ttft-slo-scale` (the published
-   SLOs are for 7B models on GPUs; the scaled ones put a cold start here past them and a warm
+2. generates a seeded workload with `hydraserve workload generate` (gamma arrivals, CV `--cv`,
+   `--seed`, `--duration`); its TTFT SLOs are scaled by `--ttft-slo-scale` (the published SLOs
+   are for 7B models on GPUs; the scaled ones put a cold start here past them and a warm
    request within them);
-3. replays A, then B (once A's workers have scaled to zero), with `hydraserve workload replay`
-   (the `openai` client through the gateway), and reads every event of HS_EVENTS;
-4. calibrates the simulator from A's events (and the client's overhead beyond the gateway's
-   TTFT from A's client-side results), configures the simulated cluster like the live one
-   (`hydraserve.sim.live`), simulates B and analyzes both runs the same way
-   (`hydraserve.workload.analyze`); a second prediction calibrates from B's own events, a
-   third runs A's calibration through the model as it was before docs/SIM_VS_LIVE.md's fixes;
-5. prints live vs simulated with relative errors and writes bench/out/sim_vs_live.json.
+3. replays it with `hydraserve workload replay` (the `openai` client through the gateway) and
+   reads every event of HS_EVENTS;
+4. splits the run in alternate `--held-out-window` second windows (default 60): the requests
+   arriving in even windows and the workers placed in them calibrate the simulator
+   (`hydraserve.sim.live.held_out_calibration`, and the client's overhead beyond the
+   gateway's TTFT from their client-side results); the simulator, configured like the live
+   cluster, simulates the whole workload, and the requests of the odd windows are compared,
+   live against simulated, analyzed the same way (`hydraserve.workload.analyze`). Both halves
+   see the machine as it is from minute to minute. The predictions: warm requests at their
+   modelled times (`held_out`), each prefill step drawn from the calibrated spread
+   (`held_out_spread`), or from the spread of the host's state (`held_out_host`, the main
+   one: the emulated nodes share one CPU);
+5. prints live vs simulated with relative errors, and how firmly the compared requests pin
+   their own percentiles (the share of bootstrap resamples of their TTFTs within the
+   tolerance of each), and writes bench/out/sim_vs_live.json.
 
-Run: `.venv/bin/python bench/sim_vs_live.py [--work-dir DIR]` (about 6 minutes, 285 s of it
+`--held-out-window 0` runs the older protocol instead: run A (`--calib-seed`,
+`--calib-duration`) to calibrate from, then run B (`--seed`, `--duration`) once A's workers
+have scaled to zero, predicted from A (and, in sample, from B's own events). Two runs one
+after the other see the machine drift between them (docs/SIM_VS_LIVE.md, runs 13–17).
+
+Run: `.venv/bin/python bench/sim_vs_live.py [--work-dir DIR]` (about 16 minutes, 15.5 of them
 live; `--quick` about 3); `--from-dir DIR` predicts again from a kept work folder.
 """
 
@@ -54,19 +65,22 @@ from hydraserve.sim.live import (  # noqa: E402
     LiveModel,
     LiveSetup,
     Metric,
+    alternate_windows,
     client_overhead_s,
     compare,
     events_between,
+    held_out_calibration,
     live_cluster,
     live_sim_config,
     live_size_classes,
     median_metrics,
+    paired_requests,
     resampled_within,
     scale_slos,
     solo_fetch_bytes_per_s,
 )
 from hydraserve.up import read_banner  # noqa: E402
-from hydraserve.workload.analyze import format_comparison, summarize  # noqa: E402
+from hydraserve.workload.analyze import RunSummary, format_comparison, summarize  # noqa: E402
 from hydraserve.workload.records import (  # noqa: E402
     read_results,
     read_workload,
@@ -93,13 +107,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-degree", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.6, help="requests/s, all models")
     parser.add_argument("--cv", type=float, default=2.0)
-    parser.add_argument("--duration", type=float, default=150.0, help="run B, seconds")
-    parser.add_argument("--seed", type=int, default=2, help="run B")
+    parser.add_argument("--duration", type=float, default=900.0,
+                        help="the run (with --held-out-window 0: run B), seconds")
+    parser.add_argument("--seed", type=int, default=5,
+                        help="the run (with --held-out-window 0: run B)")
     parser.add_argument("--calib-duration", type=float, default=100.0, help="run A, seconds")
     parser.add_argument("--calib-seed", type=int, default=1, help="run A")
     parser.add_argument("--ttft-slo-scale", type=float, default=0.4)
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--max-output-tokens", type=int, default=32)
+    parser.add_argument("--held-out-window", type=float, default=60.0, metavar="W",
+                        help="the requests arriving in even W-second windows calibrate, the "
+                             "odd ones are predicted; 0: run A calibrates, run B is predicted")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep state, logs and results here (default: a temporary folder)")
     parser.add_argument("--from-dir", type=Path, default=None,
@@ -109,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "sim_vs_live.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.calib_duration = 60.0, 40.0
+        args.duration, args.calib_duration = (120.0 if args.held_out_window else 60.0), 40.0
+    if args.held_out_window < 0:
+        parser.error("--held-out-window must be >= 0")
     return args
 
 
@@ -196,8 +217,10 @@ def live_runs(args: argparse.Namespace, work: Path
     size_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     nic_gbps = size_bytes * 8 / args.fetch_s / 1e9
     names = [f"sv-{i}" for i in range(args.num_models)]
-    workload_a = _workload(args, work / "workload_a.jsonl", seed=args.calib_seed,
-                           duration=args.calib_duration, models=names)
+    held_out = args.held_out_window > 0
+    workload_a = None if held_out else _workload(
+        args, work / "workload_a.jsonl", seed=args.calib_seed, duration=args.calib_duration,
+        models=names)
     workload_b = _workload(args, work / "workload_b.jsonl", seed=args.seed,
                            duration=args.duration, models=names)
     slos = {r.model: (r.ttft_slo_s, r.tpot_slo_s) for r in read_workload(workload_b)[1]}
@@ -217,7 +240,8 @@ def live_runs(args: argparse.Namespace, work: Path
         # long enough after A's last answer for its workers to scale to zero: B starts cold
         linger_s = args.keep_alive + 5
         live_a, live_b = work / "live_a.jsonl", work / "live_b.jsonl"
-        _replay(up, workload_a, live_a, linger_s=linger_s)
+        if workload_a is not None:
+            _replay(up, workload_a, live_a, linger_s=linger_s)
         _replay(up, workload_b, live_b, linger_s=linger_s)
         events = asyncio.run(collect(up.nats_url, EventFilter()))
     finally:
@@ -227,7 +251,8 @@ def live_runs(args: argparse.Namespace, work: Path
                       nic_gbps=nic_gbps, keep_alive_s=args.keep_alive, models=models,
                       max_pipeline_degree=args.max_degree)
     facts = {"live_wall_s": round(wall_s, 1), "model_bytes": size_bytes,
-             "nic_gbps": nic_gbps, "num_events": len(events)}
+             "nic_gbps": nic_gbps, "num_events": len(events),
+             "held_out_window_s": args.held_out_window or None}
     return setup, events, facts
 
 
@@ -326,6 +351,39 @@ def variants(events: list[Event], live_a: Path, live_b: Path
             "sim_calib_a_before_fixes": (before, None, False)}
 
 
+def held_out_variants(events: list[Event], workload: Path, live: Path, window_s: float
+                      ) -> tuple[dict[str, tuple[Calibration, float | None, bool]], set[str]]:
+    """One run split in alternate windows: name -> (calibration, NIC, batched prefill) of each
+    prediction, all calibrated from the even windows, and the ids of the held-out requests
+    (the odd windows), the only ones compared."""
+    header, results, _ = read_results(live)
+    calib_ids, held_out = alternate_windows(read_workload(workload)[1], window_s)
+    start = header.started_at
+    placed = [e for e in events if e.kind == "worker.placed" and e.worker_id]
+    calib_workers = {e.worker_id or "" for e in placed
+                     if int((e.time - start) // window_s) % 2 == 0}
+    # the gateway names each request anew: the calibration requests' own ids
+    calib_event_ids = {event.request_id or "" for result, event in paired_requests(
+        results, started_at=start, events=events) if result.request_id in calib_ids}
+    calib = held_out_calibration(events, calib_event_ids, calib_workers)
+    calib_events = [e for e in events
+                    if e.request_id is None or e.request_id in calib_event_ids]
+    overhead = client_overhead_s([r for r in results if r.request_id in calib_ids],
+                                 started_at=start, events=calib_events)
+    calib = replace(calib, client_overhead_s=overhead)
+    nic = solo_fetch_bytes_per_s([e for e in events if e.worker_id in calib_workers])
+    return {"held_out_host": (replace(calib, warm_spread=()), nic, True),
+            "held_out_spread": (replace(calib, host_spread=None), nic, True),
+            "held_out": (replace(calib, warm_spread=(), host_spread=None), nic, True)}, held_out
+
+
+def _only(path: Path, request_ids: set[str] | None) -> RunSummary:
+    header, results, workers = read_results(path)
+    if request_ids is not None:
+        results = [r for r in results if r.request_id in request_ids]
+    return summarize(header, results, workers)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_dir is not None:
@@ -340,17 +398,24 @@ def main(argv: list[str] | None = None) -> int:
     live_a, live_b = work / "live_a.jsonl", work / "live_b.jsonl"
     events = [Event.model_validate_json(line)
               for line in (work / "events.jsonl").read_text().splitlines() if line]
-    live = summarize(*read_results(live_b))
+    window_s = facts.get("held_out_window_s")
+    compared: set[str] | None = None
+    if window_s:
+        named, compared = held_out_variants(events, work / "workload_b.jsonl", live_b,
+                                            window_s)
+    else:
+        named = variants(events, live_a, live_b)
+    live = _only(live_b, compared)
     predictions = {}
     summaries = [live]
-    for name, (calibration, nic, batch_prefill) in variants(events, live_a, live_b).items():
+    for name, (calibration, nic, batch_prefill) in named.items():
         # with a spread, each simulated run draws its own warm times: the prediction is the
         # median of each metric over `--sim-seeds` runs (the first run's summary is shown)
         seeds = range(args.sim_seeds if calibration.warm_spread or calibration.host_spread else 1)
-        runs = [summarize(*read_results(predict(
+        runs = [_only(predict(
             setup, calibration, work / "workload_b.jsonl", nic_bytes_per_s=nic,
             batch_prefill=batch_prefill, name=f"{name}_seed{seed}" if seed else name,
-            seed=seed))) for seed in seeds]
+            seed=seed), compared) for seed in seeds]
         summaries.append(runs[0])
         predictions[name] = (calibration, nic, median_metrics(
             [compare(live, run) for run in runs]))
@@ -367,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{TOLERANCE:.0%} of the measured one in " + ", ".join(
               f"p{p} {'-' if v is None else f'{v:.0%}'}" for p, v in self_check.items())
           + " of resamples")
-    calib_a, nic_a, _ = predictions["sim_calib_a"]
+    calib_a, nic_a, _ = predictions["held_out_host" if window_s else "sim_calib_a"]
     print(f"\nlive: {live.overall.num_requests} requests, {live.num_workers} workers; "
-          f"calibration A: {calib_a}\nNIC (solo fetches of A): {nic_a}")
+          f"calibration ({'even windows' if window_s else 'A'}): {calib_a}\n"
+          f"NIC (solo fetches of {'the even windows' if window_s else 'A'}): {nic_a}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),

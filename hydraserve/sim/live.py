@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from hydraserve.sim.calibration import Calibration
+from hydraserve.sim.calibration import Calibration, calibrate
 from hydraserve.sim.cluster import GBPS, Cluster, Server, ServingTimes, SizeClass, StorageNode
 from hydraserve.sim.engine import SimConfig
 from hydraserve.workload.analyze import RunSummary
@@ -98,6 +98,38 @@ def scale_slos(requests: Sequence[WorkloadRequest], *, ttft_scale: float,
             for r in requests]
 
 
+def alternate_windows(requests: Sequence[WorkloadRequest], window_s: float
+                      ) -> tuple[set[str], set[str]]:
+    """(ids of the requests arriving in even windows [2k w, (2k + 1) w), ids of the rest):
+    one run split into a calibration half and a held-out half that share the machine's
+    state from minute to minute."""
+    if window_s <= 0:
+        raise ValueError(f"the window must be > 0 s, not {window_s}")
+    even = {r.request_id for r in requests if int(r.arrival_s // window_s) % 2 == 0}
+    return even, {r.request_id for r in requests} - even
+
+
+def held_out_calibration(events: Sequence[Event], request_ids: set[str],
+                         worker_ids: set[str]) -> Calibration:
+    """`calibrate` from one part of a run: the request figures (prefill, TPOT, dispatch,
+    spreads) from the requests `request_ids` only, the start-up and fetch figures from the
+    workers `worker_ids` only. Every worker's life cycle stays in as context (which requests
+    found a worker ready), and so do the other requests' arrival and end times, without
+    their timings (whether the host was busy)."""
+    request_view = []
+    for event in events:
+        if event.request_id is None or event.request_id in request_ids:
+            request_view.append(event)
+        elif event.kind in ("request.received", "request.done", "request.expired"):
+            request_view.append(event.model_copy(update={"data": {}}))
+    worker_view = [e for e in events if e.request_id is None
+                   and (e.worker_id is None or e.worker_id in worker_ids)]
+    by_request, by_worker = calibrate(request_view), calibrate(worker_view)
+    return replace(by_request, startup_s=by_worker.startup_s,
+                   fetch_bytes_per_s=by_worker.fetch_bytes_per_s,
+                   worker_init_s=by_worker.worker_init_s, ready_tail_s=by_worker.ready_tail_s)
+
+
 def events_between(events: Sequence[Event], start: float, end: float) -> list[Event]:
     """The events at `start` <= time < `end` (unix seconds)."""
     return [e for e in events if start <= e.time < end]
@@ -122,25 +154,34 @@ def solo_fetch_bytes_per_s(events: Sequence[Event]) -> float | None:
 def client_overhead_s(results: Sequence[RequestResult], *, started_at: float,
                       events: Sequence[Event], max_skew_s: float = 1.0) -> float | None:
     """The median of client TTFT − gateway TTFT (`request.done` `ttft_s`) over a run's ok
-    requests. Per model, the k-th request sent is paired with the k-th `request.received`;
-    a pair further apart in time than `max_skew_s` is left out."""
+    requests, paired with their events by `paired_requests`."""
+    gateway_ttft = {e.request_id: float(e.data["ttft_s"]) for e in events
+                    if e.kind == "request.done" and isinstance(e.data.get("ttft_s"), int | float)}
+    overheads = []
+    for result, event in paired_requests(results, started_at=started_at, events=events,
+                                         max_skew_s=max_skew_s):
+        ttft = gateway_ttft.get(event.request_id)
+        if result.status == "ok" and result.ttft_s is not None and ttft is not None:
+            overheads.append(result.ttft_s - ttft)
+    return statistics.median(overheads) if overheads else None
+
+
+def paired_requests(results: Sequence[RequestResult], *, started_at: float,
+                    events: Sequence[Event], max_skew_s: float = 1.0
+                    ) -> list[tuple[RequestResult, Event]]:
+    """Each client-side result with its `request.received` (the gateway names a request
+    anew): per model, the k-th request sent with the k-th received; a pair further apart in
+    time than `max_skew_s` is left out."""
     received: dict[str, list[Event]] = {}
     for event in sorted(events, key=lambda e: e.time):
         if event.kind == "request.received" and event.model and event.request_id:
             received.setdefault(event.model, []).append(event)
-    gateway_ttft = {e.request_id: float(e.data["ttft_s"]) for e in events
-                    if e.kind == "request.done" and isinstance(e.data.get("ttft_s"), int | float)}
     sent: dict[str, list[RequestResult]] = {}
     for result in sorted(results, key=lambda r: r.submit_s):
         sent.setdefault(result.model, []).append(result)
-    overheads = []
-    for model, model_results in sent.items():
-        for result, event in zip(model_results, received.get(model, []), strict=False):
-            ttft = gateway_ttft.get(event.request_id)
-            if (result.status == "ok" and result.ttft_s is not None and ttft is not None
-                    and abs(event.time - (started_at + result.submit_s)) <= max_skew_s):
-                overheads.append(result.ttft_s - ttft)
-    return statistics.median(overheads) if overheads else None
+    return [(result, event) for model, model_results in sent.items()
+            for result, event in zip(model_results, received.get(model, []), strict=False)
+            if abs(event.time - (started_at + result.submit_s)) <= max_skew_s]
 
 
 # --- the comparison ------------------------------------------------------------------------

@@ -25,13 +25,16 @@ from hydraserve.sim.live import (
     LiveModel,
     LiveSetup,
     Metric,
+    alternate_windows,
     client_overhead_s,
     compare,
     events_between,
+    held_out_calibration,
     live_cluster,
     live_sim_config,
     live_size_classes,
     median_metrics,
+    paired_requests,
     resampled_within,
     scale_slos,
     solo_fetch_bytes_per_s,
@@ -445,3 +448,62 @@ def test_resampling_a_run_shows_how_firmly_it_pins_its_own_percentile() -> None:
     assert resampled_within(cliff, 50, tolerance=0.15) == resampled_within(
         cliff, 50, tolerance=0.15)  # seeded
     assert resampled_within([], 50, tolerance=0.15) is None
+
+
+# --- one run, split in alternate windows -------------------------------------------------------
+
+
+def test_alternate_windows_split_requests_by_the_parity_of_their_window() -> None:
+    requests = [request(f"r{t}", t) for t in (0.0, 59.9, 60.0, 119.9, 120.0, 200.0)]
+    even, odd = alternate_windows(requests, 60.0)
+    assert even == {"r0.0", "r59.9", "r120.0"}
+    assert odd == {"r60.0", "r119.9", "r200.0"}
+    with pytest.raises(ValueError, match="window"):
+        alternate_windows(requests, 0.0)
+
+
+def test_paired_requests_match_the_kth_sent_with_the_kth_received_per_model() -> None:
+    results = [RequestResult(request_id=f"c{i}", model=m, app="chatbot", submit_s=t,
+                             output_tokens=1, status="ok", ttft_s=0.1, ttft_slo_s=7.5,
+                             tpot_slo_s=0.2)
+               for i, (m, t) in enumerate([("a", 1.0), ("b", 1.5), ("a", 3.0), ("a", 9.0)])]
+    events = [Event(kind="request.received", time=100.0 + t, model=m, request_id=g)
+              for m, t, g in [("a", 1.01, "g1"), ("b", 1.52, "g2"), ("a", 3.02, "g3"),
+                              ("a", 11.0, "g4")]]  # g4: 2 s after c3 was sent
+    pairs = paired_requests(results, started_at=100.0, events=events)
+    assert [(r.request_id, e.request_id) for r, e in pairs] == [
+        ("c0", "g1"), ("c2", "g3"), ("c1", "g2")]
+
+
+def test_a_held_out_calibration_measures_only_its_own_requests_and_workers() -> None:
+    def received(request_id: str, time: float) -> Event:
+        return Event(kind="request.received", time=time, model="m", request_id=request_id)
+
+    def done(request_id: str, time: float, prefill_s: float) -> Event:
+        return Event(kind="request.done", time=time, model="m", request_id=request_id,
+                     data={"queue_s": 0.01, "ttft_s": 0.01 + prefill_s, "e2e_s": 1.0,
+                           "usage": {"prompt_tokens": 100, "completion_tokens": 11}})
+
+    events = [
+        # worker 1 (calibration) starts up in 4.3 s; worker 2 (held out) in 9 s
+        *ready_event("1", placed=0.0, started=0.3, load_started=4.3, ready=4.4),
+        fetch_done("1", 2.0, 2.0),
+        *ready_event("2", placed=60.0, started=60.3, load_started=69.0, ready=69.1),
+        fetch_done("2", 62.0, 2.0),
+        # calibration requests: prefill 0.04 s; the four held out: 0.5 s
+        received("c1", 10.0), done("c1", 11.0, 0.04),
+        received("c2", 20.0), done("c2", 21.0, 0.04),
+        received("c3", 30.0), done("c3", 31.0, 0.04),
+        *(e for i in range(4) for e in (received(f"h{i}", 70.0 + 2 * i),
+                                        done(f"h{i}", 71.0 + 2 * i, 0.5))),
+    ]
+    events.sort(key=lambda e: e.time)
+    calibration = held_out_calibration(events, {"c1", "c2", "c3"}, {"1"})
+    assert calibration.worker_init_s == pytest.approx(4.3)
+    assert calibration.models["m"].prefill_s == pytest.approx(0.04)
+    assert calibration.models["m"].tpot_s == pytest.approx((1.0 - 0.05) / 10)
+    assert calibration.dispatch_s == pytest.approx(0.01)
+    # from everything, the held-out requests and worker would count
+    everything = calibrate(events)
+    assert everything.worker_init_s == pytest.approx((4.3 + 9.0) / 2)
+    assert everything.models["m"].prefill_s == pytest.approx(0.5)
