@@ -30,7 +30,7 @@ def test_fresh_prefill_equals_the_per_sequence_attention(query_lens: list[int],
     caches = []
     outputs = []
     for attend in (_prefill_attention, _fresh_prefill_attention):
-        k_cache = torch.full((slots, kv_heads, dim, max_len), float("nan"))
+        k_cache = torch.full((slots, kv_heads, max_len, dim), float("nan"))
         v_cache = torch.full((slots, kv_heads, max_len, dim), float("nan"))
         outputs.append(attend(q, k, v, k_cache, v_cache, batch, 0.3))
         caches.append((k_cache, v_cache))
@@ -38,12 +38,12 @@ def test_fresh_prefill_equals_the_per_sequence_attention(query_lens: list[int],
     assert outputs[1].shape == (num_tokens, heads * dim)
     (k_loop, v_loop), (k_padded, v_padded) = caches
     for slot, n in zip(batch.slot_ids, query_lens, strict=True):
-        assert torch.equal(k_padded[slot, :, :, :n], k_loop[slot, :, :, :n])
+        assert torch.equal(k_padded[slot, :, :n], k_loop[slot, :, :n])
         assert torch.equal(v_padded[slot, :, :n], v_loop[slot, :, :n])
     # padding lands past each sequence's end as finite numbers, never in another slot
     longest = max(query_lens)
     for slot in batch.slot_ids:
-        assert torch.isfinite(k_padded[slot, :, :, :longest]).all()
+        assert torch.isfinite(k_padded[slot, :, :longest]).all()
         assert torch.isfinite(v_padded[slot, :, :longest]).all()
     for untouched in (1, 2):
         assert torch.isnan(k_padded[untouched]).all() and torch.isnan(v_padded[untouched]).all()

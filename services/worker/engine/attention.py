@@ -136,7 +136,7 @@ def _fresh_prefill_attention(
         return x.view(num_seqs, longest, *x.shape[1:]).transpose(1, 2)
 
     pq, pk, pv = padded(q), padded(k), padded(v)
-    k_cache[batch.slot_tensor, :, :, :longest] = pk.transpose(-1, -2)
+    k_cache[batch.slot_tensor, :, :longest] = pk
     v_cache[batch.slot_tensor, :, :longest] = pv
     out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=scale,
                                          enable_gqa=pq.shape[1] != pk.shape[1])
@@ -160,7 +160,7 @@ def _prefill_attention(
         # [Hkv, n, D] for this sequence
         seq_k = k[start:start + n].transpose(0, 1)
         seq_v = v[start:start + n].transpose(0, 1)
-        k_cache[slot, :, :, ctx:ctx + n] = seq_k.transpose(-1, -2)
+        k_cache[slot, :, ctx:ctx + n] = seq_k
         v_cache[slot, :, ctx:ctx + n] = seq_v
         seq_q = q[start:start + n].transpose(0, 1)  # [H, n, D]
         if ctx == 0:
@@ -170,7 +170,7 @@ def _prefill_attention(
             )
         else:
             # continuing a sequence: the new tokens see the whole cached prefix
-            keys = k_cache[slot, :, :, :ctx + n].transpose(-1, -2)
+            keys = k_cache[slot, :, :ctx + n]
             values = v_cache[slot, :, :ctx + n]
             mask = torch.ones(n, ctx + n, dtype=torch.bool, device=q.device).tril(ctx)
             out = F.scaled_dot_product_attention(
@@ -195,20 +195,22 @@ def _decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = v_cache.shape[1]
     slots, positions = batch.slot_tensor, batch.context_tensor
-    k_cache[slots, :, :, positions] = k  # keys are stored transposed (see kv_cache.py)
+    k_cache[slots, :, positions] = k
     v_cache[slots, :, positions] = v
     group = num_heads // num_kv_heads
     mask = batch.score_mask(num_kv_heads, group, q.dtype)
     kv_len = mask.shape[-1]
     if batch.is_contiguous:
-        keys, values = k_cache[:num_seqs, :, :, :kv_len], v_cache[:num_seqs, :, :kv_len]
+        keys, values = k_cache[:num_seqs, :, :kv_len], v_cache[:num_seqs, :, :kv_len]
     else:
-        keys, values = k_cache[slots, :, :, :kv_len], v_cache[slots, :, :kv_len]
+        keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
     # Grouped-query attention as a batched matmul over [seq * kv_head, group]: no KV repeat.
     # [num_seqs, kv_heads, ...] merges its first two dims as a view (slot stride =
     # kv_heads * head stride), so neither matmul copies the cache.
     grouped_q = q.reshape(num_seqs * num_kv_heads, group, head_dim)
-    keys = keys.reshape(num_seqs * num_kv_heads, head_dim, kv_len)  # transposed already
+    # keys as a transposed view [B * Hkv, D, kv_len]: each (slot, head) block of L positions
+    # is contiguous in memory, which reads faster from DRAM than a [D, max_len] layout
+    keys = keys.reshape(num_seqs * num_kv_heads, kv_len, head_dim).transpose(1, 2)
     values = values.reshape(num_seqs * num_kv_heads, kv_len, head_dim)
     # scale * q.k + mask in one op. The mask adds -inf, so a key read must be finite
     # (NaN + -inf = NaN): KVCache.make_readable zeroes never-written keys as well as values.

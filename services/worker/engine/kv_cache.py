@@ -1,11 +1,12 @@
 """The KV cache of one engine (one stage): a fixed number of sequence slots per layer.
 
 Every running sequence owns one slot; slot s of layer l holds its keys and values for positions
-[0, max_len). Keys are stored transposed, [slots, kv_heads, head_dim, max_len], so a decode
-step's q.K is a plain batched matmul: given a transposed operand, MKL first copies it into a
-packed buffer, a second pass over the step's largest tensors. The scheduler keeps the running
-sequences in slots 0..n-1 (it moves the last sequence into a freed slot), so a decode step
-reads `k[:n, :, :, :L]` and `v[:n, :, :L]`, views, never a gather.
+[0, max_len). Keys and values share one layout, [slots, kv_heads, max_len, head_dim], so the
+L positions a decode step reads of one (slot, head) are one contiguous block (see
+docs/ENGINE.md: keys stored [.., head_dim, max_len] read L floats out of every row and ran
+slower from DRAM). The scheduler keeps the running sequences in slots 0..n-1 (it moves the
+last sequence into a freed slot), so a decode step reads `k[:n, :, :L]` and `v[:n, :, :L]`,
+views, never a gather.
 On the CPU the tensors come from `torch.empty`, so untouched slots cost no resident memory.
 """
 
@@ -59,16 +60,14 @@ def plan_kv_cache(
 
 
 class KVCache:
-    """Per layer: keys [num_slots, num_kv_heads, head_dim, max_len] (transposed),
-    values [num_slots, num_kv_heads, max_len, head_dim]."""
+    """Per layer: keys and values, each [num_slots, num_kv_heads, max_len, head_dim]."""
 
     def __init__(self, shape: KVCacheShape, budget: KVCacheBudget, device: torch.device) -> None:
         self.shape = shape
         self.num_slots = budget.num_slots
         self.max_len = budget.max_len
         dims = (budget.num_slots, shape.num_kv_heads, budget.max_len, shape.head_dim)
-        key_dims = (budget.num_slots, shape.num_kv_heads, shape.head_dim, budget.max_len)
-        self.k = [torch.empty(key_dims, dtype=shape.dtype, device=device)
+        self.k = [torch.empty(dims, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
         self.v = [torch.empty(dims, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
@@ -96,19 +95,19 @@ class KVCache:
             start = max(self._readable[slot], num_written)
             if start < chunked:
                 for k, v in zip(self.k, self.v, strict=True):
-                    k[slot, :, :, start:chunked].zero_()
+                    k[slot, :, start:chunked].zero_()
                     v[slot, :, start:chunked].zero_()
             self._readable[slot] = max(self._readable[slot], chunked)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` in every layer."""
         for k, v in zip(self.k, self.v, strict=True):
-            k[dst, :, :, :length].copy_(k[src, :, :, :length])
+            k[dst, :, :length].copy_(k[src, :, :length])
             v[dst, :, :length].copy_(v[src, :, :length])
 
     def export_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of a slot's keys and values, each [num_layers, kv_heads, length, head_dim]."""
-        keys = torch.stack([k[slot, :, :, :length].transpose(-1, -2) for k in self.k]).cpu()
+        keys = torch.stack([k[slot, :, :length] for k in self.k]).cpu()
         values = torch.stack([v[slot, :, :length] for v in self.v]).cpu()
         return keys, values
 
@@ -126,5 +125,5 @@ class KVCache:
                 f"imported sequence holds {length} tokens; slots hold {self.max_len}"
             )
         for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k[slot, :, :, :length].copy_(keys[layer].transpose(-1, -2))
+            k[slot, :, :length].copy_(keys[layer])
             v[slot, :, :length].copy_(values[layer])
