@@ -74,6 +74,10 @@ class KVCache:
         # slot -> positions [0, n) of its values that hold finite numbers
         self._readable = [0] * budget.num_slots
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every layer's keys, then every layer's values (all the same layout)."""
+        return (*self.k, *self.v)
+
     def make_readable(self, slot_ids: list[int], written: list[int], length: int) -> None:
         """Make positions [0, length) of the slots safe to read in a decode step.
 
@@ -94,16 +98,14 @@ class KVCache:
                 continue
             start = max(self._readable[slot], num_written)
             if start < chunked:
-                for k, v in zip(self.k, self.v, strict=True):
-                    k[slot, :, start:chunked].zero_()
-                    v[slot, :, start:chunked].zero_()
+                for tensor in self._tensors():
+                    tensor[slot, :, start:chunked].zero_()
             self._readable[slot] = max(self._readable[slot], chunked)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` in every layer."""
-        for k, v in zip(self.k, self.v, strict=True):
-            k[dst, :, :length].copy_(k[src, :, :length])
-            v[dst, :, :length].copy_(v[src, :, :length])
+        for tensor in self._tensors():
+            tensor[dst, :, :length].copy_(tensor[src, :, :length])
 
     def export_slot(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of a slot's keys and values, each [num_layers, kv_heads, length, head_dim]."""
@@ -124,6 +126,5 @@ class KVCache:
             raise ContextLengthError(
                 f"imported sequence holds {length} tokens; slots hold {self.max_len}"
             )
-        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k[slot, :, :length].copy_(keys[layer])
-            v[slot, :, :length].copy_(values[layer])
+        for tensor, imported in zip(self._tensors(), (*keys, *values), strict=True):
+            tensor[slot, :, :length].copy_(imported)
