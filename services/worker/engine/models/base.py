@@ -103,14 +103,12 @@ class StageModel(nn.Module):
         return [name for name, p in self.named_parameters() if p.is_meta]
 
 
-# Below this many rows the plain weight serves even when a packed one exists: at 1-2 rows
-# MKL's GEMV streams the weights ~12% faster than oneDNN's packed kernel (125M Llama, 2
-# threads, Xeon); from 4 rows on the packed kernel wins (at 16 rows by ~1.4x).
+# Below this many rows the plain weight serves even when a packed one exists, unless the packer
+# measured the packed kernel faster at one row (cpu_packing.prefer_packed_at_one_row): on an
+# AVX-512 Xeon MKL's GEMV streamed the weights ~12% faster than oneDNN's packed kernel at 1-2
+# rows, on an AVX-512 AMD EPYC (where MKL takes a generic path) 1.7x slower; from 4 rows on the
+# packed kernel wins everywhere measured (at 16 rows by ~1.4-2x).
 PACKED_MIN_ROWS = 3
-
-
-def use_packed(x: torch.Tensor) -> bool:
-    return x.shape[0] >= PACKED_MIN_ROWS
 
 
 class Linear(nn.Linear):
@@ -118,12 +116,17 @@ class Linear(nn.Linear):
     (see engine/cpu_packing.py); the HF parameter name stays `weight`."""
 
     packed: torch.Tensor | None = None
+    # fewest rows of input the packed weight serves
+    packed_min_rows: int = PACKED_MIN_ROWS
 
     def reset_parameters(self) -> None:
         """No random init: weights come from the checkpoint (see `Embedding`)."""
 
+    def uses_packed(self, x: torch.Tensor) -> bool:
+        return self.packed is not None and x.shape[0] >= self.packed_min_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and use_packed(x):
+        if self.uses_packed(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -152,6 +155,11 @@ class FusedLinear:
         self.packed = packed
         self.bias = bias
         self.split_sizes = split_sizes
+        # fewest rows of input it serves (fewer: the separate linears' plain weights)
+        self.min_rows = PACKED_MIN_ROWS
+
+    def serves(self, x: torch.Tensor) -> bool:
+        return x.shape[0] >= self.min_rows
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.joined(x).split(self.split_sizes, dim=-1)

@@ -27,7 +27,6 @@ from services.worker.engine.models.base import (
     StageInput,
     StageModel,
     hf_get,
-    use_packed,
 )
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -103,7 +102,7 @@ class FalconLinear(Linear):
     add, and HF keeps the extra rounding step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and use_packed(x):
+        if self.uses_packed(x):
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             out = x @ self.weight.T

@@ -23,7 +23,6 @@ from services.worker.engine.models.base import (
     StageInput,
     StageModel,
     hf_get,
-    use_packed,
 )
 
 
@@ -77,7 +76,7 @@ class LlamaAttention(nn.Module):
                 v_cache: torch.Tensor) -> torch.Tensor:
         num_tokens, d = x.shape[0], self.args.head_dim
         num_heads, num_kv_heads = self.args.num_heads, self.args.num_kv_heads
-        if self.qkv is not None and use_packed(x):
+        if self.qkv is not None and self.qkv.serves(x):
             # q and k sit side by side in the fused output: rotate them as one tensor
             qkv = self.qkv.joined(x)  # [T, (H + 2 * Hkv) * D]
             qk = self.rotary.rotate(qkv[:, :(num_heads + num_kv_heads) * d]
@@ -105,7 +104,7 @@ class LlamaMLP(nn.Module):
         self.gate_up: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None and use_packed(x):
+        if self.gate_up is not None and self.gate_up.serves(x):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
