@@ -97,11 +97,6 @@ def build_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
     engine_options: dict[str, object] = {"device": args.device, "dtype": args.dtype}
     if args.max_model_len is not None:
         engine_options["max_model_len"] = args.max_model_len
-    if args.degree > 1:
-        # A pipeline lasts only until consolidation, and its small-batch steps gain nothing
-        # from packed weights; packing now would take the cores the first tokens need. The
-        # full-size worker packs the whole model when it consolidates (PipelineLink).
-        engine_options["weight_packing"] = "off"
     return WorkerConfig(
         model=args.model, model_dir=args.model_dir,
         worker_id=args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",

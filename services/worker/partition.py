@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from libs.common.watermark import SharedWatermark, partition_model_dir, watermark_path
+from libs.common.watermark import (
+    FillState,
+    SharedWatermark,
+    partition_model_dir,
+    watermark_path,
+)
 
 if TYPE_CHECKING:
     from services.worker.config import WorkerConfig
@@ -32,6 +37,14 @@ def stage_layers(model_dir: Path) -> tuple[int, int]:
     return int(manifest["start_layer"]), int(manifest["end_layer"])
 
 
+def packing_mode(watermark: SharedWatermark, configured: str) -> str:
+    """Weights still arriving are packed as each linear lands: the CPU would otherwise wait
+    for bytes, and the stage is ready with packed weights. A complete file (the host cache,
+    or a fetch finished before the worker started) keeps the configured mode."""
+    _, _, state = watermark.read()
+    return "as_loaded" if state == FillState.FILLING and configured != "off" else configured
+
+
 def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngine:
     """An engine over the stage in `partition`, loaded while its bytes arrive."""
     phases = config.phases
@@ -44,9 +57,11 @@ def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngi
         watermark.wait_for(1, WATERMARK_TIMEOUT_S)
         phases["partition_mapped_at"] = time.time()
         start_layer, end_layer = stage_layers(config.model_dir)
+        options = config.engine_options | {"weight_packing": packing_mode(
+            watermark, str(config.engine_options.get("weight_packing", "background")))}
         engine = LLMEngine.from_model_dir(
             config.model_dir, stage_boundaries=[start_layer, end_layer],
-            max_num_seqs=config.worker.capacity, **config.engine_options)
+            max_num_seqs=config.worker.capacity, **options)
         phases["load_started_at"] = time.time()
         (runner,) = engine.runners
         runner.load(SafetensorsReader(partition, watermark).stream(TENSOR_TIMEOUT_S))
@@ -76,8 +91,9 @@ def load_stage_runner(partition: Path, base: EngineConfig, model_config: ModelCo
         start_layer, end_layer = stage_layers(partition_model_dir(partition))
         if model_config is None:  # the folder is complete by the first byte (module doc)
             model_config = ModelConfig.from_model_dir(base.model_path)
-        runner = ModelRunner(dataclasses.replace(base, start_layer=start_layer,
-                                                 end_layer=end_layer), model_config)
+        runner = ModelRunner(dataclasses.replace(
+            base, start_layer=start_layer, end_layer=end_layer,
+            weight_packing=packing_mode(watermark, base.weight_packing)), model_config)
         phases["load_started_at"] = time.time()
         runner.load(SafetensorsReader(partition, watermark).stream(TENSOR_TIMEOUT_S))
         phases["loaded_at"] = time.time()

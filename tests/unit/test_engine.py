@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -250,36 +249,31 @@ def test_packed_cpu_weights_give_the_same_tokens_as_plain_ones(saved: SavedModel
 @pytest.mark.parametrize("min_rows", [1, 3])
 def test_single_rows_give_hf_tokens_through_either_kernel(saved: SavedModel,
                                                           min_rows: int) -> None:
-    """Batch-1 decode runs on whichever kernel the packer measured faster at one row."""
+    """Batch-1 decode runs on the packed kernel or the plain GEMV, by the CPU's vendor."""
+    from services.worker.engine.cpu_packing import packed_serves_one_row
     from services.worker.engine.models.base import FusedLinear
     folder, hf = saved
     engine = make_engine(folder, weight_packing="sync")
     model = engine.runners[0].model
     fused = [getattr(owner, name) for owner, name, _ in model.fusion_groups()]
     packed = [m for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
-    measured = {kernel.min_rows for kernel in fused} | {m.packed_min_rows for m in packed}
-    assert len(measured) == 1 and measured <= {1, 3}  # one choice for the whole model
+    chosen = 1 if packed_serves_one_row() else 3
+    assert {kernel.min_rows for kernel in fused} | {m.packed_min_rows for m in packed} == {
+        chosen}
     for kernel in fused:
         assert isinstance(kernel, FusedLinear)
         kernel.min_rows = min_rows
-    for linear in model.modules():
-        if isinstance(linear, Linear):
-            linear.packed_min_rows = min_rows
+    for linear in packed:
+        linear.packed_min_rows = min_rows
     assert generate(engine, [PROMPTS[1]], GREEDY)[0].token_ids == hf_greedy(hf, PROMPTS[1], 24)
 
 
-def test_the_kernel_measured_faster_at_one_row_is_chosen() -> None:
-    from services.worker.engine.cpu_packing import prefer_packed_at_one_row
+def test_packed_weights_serve_single_rows_except_on_intel_cpus() -> None:
+    from services.worker.engine.cpu_packing import packed_serves_one_row
 
-    def slow() -> None:
-        time.sleep(0.002)
-
-    def fast() -> None:
-        pass
-
-    assert prefer_packed_at_one_row([(slow, fast, 100), (slow, fast, 100)]) is True
-    assert prefer_packed_at_one_row([(fast, slow, 100), (fast, slow, 100)]) is False
-    assert prefer_packed_at_one_row([]) is False  # nothing packed: the plain weights serve
+    assert packed_serves_one_row("GenuineIntel") is False  # MKL's GEMV is faster there
+    assert packed_serves_one_row("AuthenticAMD") is True
+    assert packed_serves_one_row("unknown") is True
 
 
 def test_background_packing_swaps_weights_while_requests_run(saved: SavedModel) -> None:
@@ -299,7 +293,7 @@ def test_background_packing_swaps_weights_while_requests_run(saved: SavedModel) 
 
 
 def test_a_runner_loaded_with_packing_off_packs_when_asked(saved: SavedModel) -> None:
-    """What a consolidating pipeline worker does (its stages load with packing off)."""
+    """What a consolidating worker does for layers that loaded unpacked."""
     folder, hf = saved
     engine = make_engine(folder, weight_packing="off")
     model = engine.runners[0].model

@@ -93,6 +93,33 @@ def test_a_stage_loads_tensors_as_their_bytes_arrive_and_matches_the_whole_file(
     assert torch.allclose(prefill_logits(runner, [PROMPT]), hf_logits(hf, PROMPT), atol=1e-4)
 
 
+def test_as_loaded_packing_packs_each_layer_while_later_bytes_are_still_due(
+    saved: SavedModel, tmp_path: Path,
+) -> None:
+    folder, hf = saved
+    runner = ModelRunner(EngineConfig(model_path=folder, weight_packing="as_loaded"))
+    path = tmp_path / "part"
+    path.write_bytes(write_partition(folder, runner, tmp_path / "src"))
+    layers = runner.model.model.layers
+    # name of each tensor -> which layers had packed q/k/v and gate/up when it was handed over
+    packed_before: dict[str, list[int]] = {}
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in SafetensorsReader(path).stream():
+            packed_before[name] = [int(i) for i, layer in layers.items()
+                                   if layer.self_attn.qkv is not None
+                                   and layer.mlp.gate_up is not None]
+            yield name, tensor
+
+    runner.load(tensors())
+    assert packed_before["model.layers.0.input_layernorm.weight"] == []
+    assert packed_before["model.layers.1.input_layernorm.weight"] == [0]
+    assert packed_before["model.layers.3.input_layernorm.weight"] == [0, 1, 2]
+    assert all(layer.self_attn.qkv is not None for layer in layers.values())
+    assert runner.model.lm_head.packed is not None
+    assert torch.allclose(prefill_logits(runner, [PROMPT]), hf_logits(hf, PROMPT), atol=1e-4)
+
+
 def test_loaded_weights_are_views_of_the_mapped_file_not_copies(saved: SavedModel) -> None:
     folder, _ = saved
     runner = ModelRunner(EngineConfig(model_path=folder))

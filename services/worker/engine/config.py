@@ -41,6 +41,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 # The layer-count key differs by family and by config vintage (Falcon-7B uses n_layer).
+WEIGHT_PACKING_MODES = ("background", "sync", "as_loaded", "off")
 _NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -161,7 +162,8 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     seed: int = 0
     # CPU fp32 only: pre-block linear weights for oneDNN — "background" (after ready),
-    # "sync" (before ready) or "off"
+    # "sync" (before ready), "as_loaded" (each linear as soon as its weights are in: for a
+    # load whose bytes are still arriving, packing then fills the waits) or "off"
     weight_packing: str = "background"
 
     def __post_init__(self) -> None:
@@ -174,9 +176,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
-        if self.weight_packing not in ("background", "sync", "off"):
+        if self.weight_packing not in WEIGHT_PACKING_MODES:
             raise ValueError(f"weight_packing {self.weight_packing!r} is not one of "
-                             "background, sync, off")
+                             f"{', '.join(WEIGHT_PACKING_MODES)}")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
 

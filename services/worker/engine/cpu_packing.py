@@ -1,25 +1,23 @@
-"""Repacking linear weights for the CPU GEMM kernel (oneDNN), after the stage is ready.
+"""Repacking linear weights for the CPU GEMM kernel (oneDNN), as they load or after ready.
 
 A plain fp32 matmul re-blocks the weight on every call; at the small row counts of decoding
 (1-16 tokens) that costs as much as the multiply. oneDNN can keep the weight pre-blocked: a
 batch-16 decode step then runs its GEMMs ~1.9x faster on a 2-core AVX2 machine
-(docs/BENCHMARKS.md). At one row it depends on the CPU, so the packer measures which kernel
-is faster there (`prefer_packed_at_one_row`). Packing a 125M model takes ~0.6 s, so by
-default it runs in a background thread after the stage is ready: requests are served from the
-loaded weights meanwhile, and each layer switches to its packed weight the moment it is done
-(an atomic attribute swap).
+(docs/BENCHMARKS.md); at one row it depends on the CPU (`packed_serves_one_row`). Packing a
+125M model takes ~0.2-0.6 s, so by default it runs in a background thread after the stage is
+ready: requests are served from the loaded weights meanwhile, and each layer switches to its
+packed weight the moment it is done (an atomic attribute swap). A load whose bytes are still
+arriving packs each linear as it lands instead (`weight_packing="as_loaded"`).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import threading
-import time
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from services.worker.engine.models.base import FusedLinear, Linear, StageModel
 
@@ -27,10 +25,6 @@ logger = logging.getLogger(__name__)
 
 # row count the packed layout is tuned for (any count works)
 BATCH_HINT = 16
-# Weights timed when choosing the kernel for one row: more than a CPU's last-level cache, so
-# they stream from memory as in a decode step (a model smaller than this is timed whole).
-MEASURE_BYTES = 256 * 2**20
-MEASURE_ROUNDS = 3
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -40,93 +34,62 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: StageModel, stop: threading.Event | None = None) -> int:
-    """Pack the model's linears (fusing its fusion groups); return how many were packed.
-    Then let the packed weights serve single rows too where they measure faster there."""
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m.packed is None]
-    if not linears or not _kernel_agrees(linears[0]):
-        return 0
+    """Pack every linear, and fuse every fusion group, whose weights are all loaded and that
+    is not packed yet; return how many linears were packed. Called after each tensor of a
+    load whose bytes are still arriving, it packs while the loader waits for them."""
     num_packed = 0
-    fused: list[tuple[list[Linear], FusedLinear]] = []
-    fused_ids: set[int] = set()
+    grouped: set[int] = set()
     for owner, attribute, group in model.fusion_groups():
-        if stop is not None and stop.is_set():
+        grouped.update(id(linear) for linear in group)
+        if getattr(owner, attribute) is not None or not all(map(_is_loaded, group)):
+            continue
+        if _is_stopped(stop) or not _kernel_agrees():
             return num_packed
-        kernel = _fuse(group)
-        setattr(owner, attribute, kernel)
-        fused.append((group, kernel))
-        fused_ids.update(id(linear) for linear in group)
+        setattr(owner, attribute, _fuse(group))
         num_packed += len(group)
-    packed: list[Linear] = []
-    for linear in linears:
-        if stop is not None and stop.is_set():
+    for linear in model.modules():
+        if (not isinstance(linear, Linear) or id(linear) in grouped
+                or linear.packed is not None or not _is_loaded(linear)):
+            continue
+        if _is_stopped(stop) or not _kernel_agrees():
             return num_packed
-        if id(linear) not in fused_ids:
-            linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
-                                                                   BATCH_HINT)
-            packed.append(linear)
-            num_packed += 1
-    if prefer_packed_at_one_row(_one_row_kernels(fused, packed), stop):
-        for _, kernel in fused:
-            kernel.min_rows = 1
-        for linear in packed:
+        if packed_serves_one_row():
             linear.packed_min_rows = 1
+        linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
+                                                               BATCH_HINT)
+        num_packed += 1
     return num_packed
 
 
-# (plain, packed) ways to multiply one row by the same weights, and their bytes
-KernelPair = tuple[Callable[[], object], Callable[[], object], int]
+def _is_stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
 
 
-def _one_row_kernels(fused: list[tuple[list[Linear], FusedLinear]],
-                     packed: list[Linear]) -> list[KernelPair]:
-    pairs: list[KernelPair] = []
-    for group, kernel in fused:
-        x = torch.randn(1, group[0].in_features)
-        pairs.append((lambda x=x, group=group: [F.linear(x, m.weight, m.bias) for m in group],
-                      lambda x=x, kernel=kernel: kernel.joined(x),
-                      sum(m.weight.nbytes for m in group)))
-    for linear in packed:
-        x = torch.randn(1, linear.in_features)
-        pairs.append((lambda x=x, m=linear: F.linear(x, m.weight, m.bias),
-                      lambda x=x, m=linear: torch.ops.mkldnn._linear_pointwise(
-                          x, m.packed, m.bias, "none", [], ""),
-                      linear.weight.nbytes))
-    return pairs
+def _is_loaded(linear: Linear) -> bool:
+    return not linear.weight.is_meta and (linear.bias is None or not linear.bias.is_meta)
 
 
-def prefer_packed_at_one_row(pairs: list[KernelPair],
-                             stop: threading.Event | None = None) -> bool:
-    """Whether the packed kernel multiplies one row faster than the plain GEMV, timed over
-    the first MEASURE_BYTES of weights, plain and packed in turn, best of MEASURE_ROUNDS.
+@functools.cache
+def packed_serves_one_row(cpu_vendor: str | None = None) -> bool:
+    """Whether packed weights serve single rows too (decode at batch 1), by the CPU's vendor.
 
-    Which wins depends on the CPU and its BLAS (MKL's GEMV is fast on Intel, slow on AMD), so
-    it is measured here rather than assumed; the whole pass costs about two decode steps."""
-    chosen, num_bytes = [], 0
-    for pair in pairs:
-        if num_bytes >= MEASURE_BYTES:
-            break
-        chosen.append(pair)
-        num_bytes += pair[2]
-    if not chosen:
-        return False
-    best_plain = best_packed = float("inf")
-    with torch.inference_mode():
-        for _ in range(MEASURE_ROUNDS):
-            if stop is not None and stop.is_set():
-                return False
-            best_plain = min(best_plain, _timed_pass([plain for plain, _, _ in chosen]))
-            best_packed = min(best_packed, _timed_pass([packed for _, packed, _ in chosen]))
-    logger.info("one row through %.0f MB of weights: plain %.2f ms, packed %.2f ms; %s serves",
-                num_bytes / 2**20, best_plain * 1e3, best_packed * 1e3,
-                "packed" if best_packed < best_plain else "plain")
-    return best_packed < best_plain
+    MKL's GEMV streamed the weights ~12% faster than oneDNN's packed kernel on an AVX-512
+    Intel Xeon; on an AVX-512 AMD EPYC, where MKL takes a generic path, the packed kernel was
+    1.7x faster (docs/BENCHMARKS.md). A rule rather than a timing: every process on a machine
+    multiplies alike, so a pipeline stage and the worker that consolidates it produce the same
+    tokens."""
+    return (cpu_vendor or _cpu_vendor()) != "GenuineIntel"
 
 
-def _timed_pass(kernels: list[Callable[[], object]]) -> float:
-    start = time.perf_counter()
-    for kernel in kernels:
-        kernel()
-    return time.perf_counter() - start
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        logger.info("no /proc/cpuinfo; packed weights serve single rows too")
+    return "unknown"
 
 
 def _fuse(group: list[Linear]) -> FusedLinear:
@@ -136,15 +99,22 @@ def _fuse(group: list[Linear]) -> FusedLinear:
         else None
     assert bias is not None or all(b is None for b in biases), "a group mixes bias and no bias"
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-    return FusedLinear(packed, bias, [linear.out_features for linear in group])
+    fused = FusedLinear(packed, bias, [linear.out_features for linear in group])
+    if packed_serves_one_row():
+        fused.min_rows = 1
+    return fused
 
 
-def _kernel_agrees(linear: Linear) -> bool:
-    """Check the packed kernel against F.linear once (a broken build must not serve)."""
+@functools.cache
+def _kernel_agrees() -> bool:
+    """Check the packed kernel against F.linear once a process (a broken build must not
+    serve)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(80, 96, generator=generator)
+    x = torch.randn(3, 96, generator=generator)
     with torch.inference_mode():
-        x = torch.randn(3, linear.in_features)
-        expected = torch.nn.functional.linear(x, linear.weight)
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
+        expected = torch.nn.functional.linear(x, weight)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
     if not torch.allclose(got, expected, atol=tolerance, rtol=1e-4):

@@ -14,7 +14,7 @@ import mmap
 import struct
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -146,8 +146,11 @@ class LoadStats:
 
 
 def load_weights(model: StageModel, sources: Iterable[tuple[str, torch.Tensor]], *,
-                 dtype: torch.dtype, device: torch.device) -> LoadStats:
-    """Assign the stage's tensors from `sources`; return as soon as the last one is in."""
+                 dtype: torch.dtype, device: torch.device,
+                 on_assigned: Callable[[], object] | None = None) -> LoadStats:
+    """Assign the stage's tensors from `sources`; return as soon as the last one is in.
+    `on_assigned` runs after each tensor is in (packing what is complete, while the next
+    tensor's bytes may still be on their way)."""
     started = time.perf_counter()
     targets = model.weight_targets()
     remaining = set(targets)
@@ -162,6 +165,8 @@ def load_weights(model: StageModel, sources: Iterable[tuple[str, torch.Tensor]],
             model.set_weight(param_name, tensor)
         num_bytes += tensor.numel() * tensor.element_size()
         remaining.discard(name)
+        if on_assigned is not None:
+            on_assigned()
         if not remaining:
             break
     if remaining:

@@ -48,11 +48,14 @@ class ModelRunner:
         """Assign weights (default: the model folder's safetensors), then make the cache."""
         if sources is None:
             sources = checkpoint_tensors(self.config.model_path)
-        stats = load_weights(self.model, sources, dtype=self.dtype, device=self.device)
+        mode = self.config.weight_packing
+        packs = can_pack(self.device, self.dtype) and mode != "off"
+        as_loaded = (lambda: pack_linears(self.model)) if packs and mode == "as_loaded" else None
+        stats = load_weights(self.model, sources, dtype=self.dtype, device=self.device,
+                             on_assigned=as_loaded)
         self.model.init_buffers(self.device, self.max_model_len)
         self.allocate_kv_cache()
-        mode = self.config.weight_packing
-        if can_pack(self.device, self.dtype) and mode != "off":
+        if packs and mode != "as_loaded":
             # Packing takes ~1 ms per MB; below the threshold it is not worth a thread.
             if mode == "sync" or stats.num_bytes < BACKGROUND_PACKING_MIN_BYTES:
                 pack_linears(self.model)

@@ -112,9 +112,9 @@ class PipelineLink:
             for path in paths:  # in layer order; each loads as its bytes arrive
                 runners.append(await asyncio.to_thread(load_stage_runner, path, base,
                                                        engine.model_config))
-            # a pipeline worker loads with packing off (services/worker/__main__.py): pack
-            # the whole model now, while the pipeline serves, and switch only once every
-            # stage runs at full speed
+            # the layers load packed as their bytes land (partition.packing_mode), or pack
+            # now if they came whole; either way switch only once every stage's weights are
+            # packed and its one-row kernel chosen, so the whole model runs at full speed
             for runner in [*engine.runners, *runners]:
                 await asyncio.to_thread(runner.pack_weights)
             load_s = time.monotonic() - started
