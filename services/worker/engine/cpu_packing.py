@@ -19,6 +19,7 @@ import threading
 
 import torch
 
+from services.worker.engine.hugepages import collapse_packed
 from services.worker.engine.models.base import FusedLinear, Linear, StageModel
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,7 @@ def pack_linears(model: StageModel, stop: threading.Event | None = None) -> int:
             return num_packed
         if packed_serves_one_row():
             linear.packed_min_rows = 1
-        linear.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(),
-                                                               BATCH_HINT)
+        linear.packed = _packed(linear.weight.detach())
         num_packed += 1
     return num_packed
 
@@ -98,11 +98,17 @@ def _fuse(group: list[Linear]) -> FusedLinear:
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) \
         else None
     assert bias is not None or all(b is None for b in biases), "a group mixes bias and no bias"
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-    fused = FusedLinear(packed, bias, [linear.out_features for linear in group])
+    fused = FusedLinear(_packed(weight), bias, [linear.out_features for linear in group])
     if packed_serves_one_row():
         fused.min_rows = 1
     return fused
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` pre-blocked for oneDNN, on huge pages where the kernel allows it."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+    collapse_packed(packed)
+    return packed
 
 
 @functools.cache

@@ -7,7 +7,8 @@ docs/ENGINE.md: keys stored [.., head_dim, max_len] read L floats out of every r
 slower from DRAM). The scheduler keeps the running sequences in slots 0..n-1 (it moves the
 last sequence into a freed slot), so a decode step reads `k[:n, :, :L]` and `v[:n, :, :L]`,
 views, never a gather.
-On the CPU the tensors come from `torch.empty`, so untouched slots cost no resident memory.
+On the CPU the tensors come from `torch.empty`, so untouched slots cost no resident memory
+(beyond the 2 MB page a touched slot's block shares with its neighbour; engine/hugepages.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.engine.errors import ContextLengthError
+from services.worker.engine.hugepages import advise_tensor
 
 # make_readable zeroes ahead to a multiple of this many positions
 READABLE_CHUNK = 64
@@ -71,6 +73,8 @@ class KVCache:
                   for _ in range(shape.num_layers)]
         self.v = [torch.empty(dims, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
+        for tensor in self._tensors():
+            advise_tensor(tensor)  # CPU: fault in as 2 MB pages (engine/hugepages.py)
         # slot -> positions [0, n) of its values that hold finite numbers
         self._readable = [0] * budget.num_slots
 
