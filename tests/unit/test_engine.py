@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from services.worker.engine import attention
 from services.worker.engine.engine import LLMEngine, generate
 from services.worker.engine.errors import ContextLengthError, InvalidRequestError
 from services.worker.engine.models.base import Linear, StageModel
@@ -59,6 +60,27 @@ def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(
         tokens.setdefault(request_id, []).extend(more)
     for request_id, prompt in zip("abcd", PROMPTS, strict=True):
         assert tokens[request_id] == hf_greedy(hf, prompt, 24), request_id
+
+
+def test_a_prefill_gives_its_longest_prompts_the_first_slots(saved: SavedModel) -> None:
+    folder, _ = saved
+    engine = make_engine(folder)
+    for request_id, prompt in zip("abcd", PROMPTS, strict=True):  # 4, 7, 2 and 3 tokens
+        engine.add_request(request_id, prompt, GREEDY)
+    engine.step()
+    assert [seq.request_id for seq in engine.running_sequences()] == ["b", "a", "d", "c"]
+
+
+def test_decode_attention_in_chunks_gives_hf_greedy_tokens(
+    saved: SavedModel, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every saving splits the decode batch (the real threshold needs longer prompts)."""
+    monkeypatch.setattr(attention, "CHUNK_COST_PAIRS", 0)
+    folder, hf = saved
+    prompts = [PROMPTS[1] * 6, PROMPTS[0], PROMPTS[2] * 9, PROMPTS[3]]
+    completions = generate(make_engine(folder), list(prompts), GREEDY)
+    for prompt, completion in zip(prompts, completions, strict=True):
+        assert completion.token_ids == hf_greedy(hf, prompt, 24)
 
 
 def test_a_seeded_sampled_request_repeats_exactly_and_differs_by_seed(saved: SavedModel) -> None:

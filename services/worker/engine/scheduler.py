@@ -1,6 +1,7 @@
 """Continuous batching: which sequences run in the next step.
 
-Running sequences occupy KV slots 0..n-1, in order. A step either prefills newly admitted
+Running sequences occupy KV slots 0..n-1, in order; the prompts of one prefill take theirs
+longest first. A step either prefills newly admitted
 prompts (packed up to `max_prefill_tokens`) or decodes one token for every running sequence;
 new prompts are admitted as soon as a slot is free, so they join the running decode batch
 after their prefill. When a sequence leaves, the last one moves into its slot (`SlotMove`), which
@@ -58,15 +59,18 @@ class Scheduler:
         if self.waiting and self.can_admit():
             admitted: list[Sequence] = []
             num_tokens = 0
-            while self.waiting and self.can_admit():
+            while self.waiting and len(self.running) + len(admitted) < self.num_slots:
                 seq = self.waiting[0]
                 pending = seq.num_tokens - seq.num_cached
                 if admitted and num_tokens + pending > self.max_prefill_tokens:
                     break
-                self.waiting.popleft()
-                self.admit_running(seq)
-                admitted.append(seq)
+                admitted.append(self.waiting.popleft())
                 num_tokens += pending
+            # longest first: neighbouring slots then hold contexts of similar length, which
+            # decode attention reads in chunks of their own length (attention.plan_decode_chunks)
+            admitted.sort(key=lambda seq: seq.num_tokens, reverse=True)
+            for seq in admitted:
+                self.admit_running(seq)
             return ScheduledBatch(is_prefill=True, seqs=admitted)
         ready = [seq for seq in self.running if seq.request_id not in busy] if busy \
             else list(self.running)
