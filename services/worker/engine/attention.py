@@ -109,8 +109,11 @@ class ForwardBatch:
             # [num_seqs, 1, 1, kv_len]: key j is visible to sequence i if j <= its position
             self.decode_mask = (keys[None, :] <= self.context_tensor[:, None])[:, None, None, :]
             kv_lens = [n + 1 for n in self.context_lens]
-            self.decode_chunks = (plan_decode_chunks(kv_lens) if self.is_contiguous
-                                  else [DecodeChunk(0, len(kv_lens), kv_len)])
+            # chunks trade padding for ops: on a GPU, whose decode is bound by launches, not
+            # by reading the cache, every op costs more than the padding it would save
+            self.decode_chunks = (
+                plan_decode_chunks(kv_lens) if self.is_contiguous and self.device.type == "cpu"
+                else [DecodeChunk(0, len(kv_lens), kv_len)])
 
     @property
     def num_tokens(self) -> int:
