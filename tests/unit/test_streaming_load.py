@@ -159,3 +159,18 @@ def test_a_failed_fill_stops_the_loader_with_a_named_error(
     with pytest.raises(PartitionFailedError, match=r"filling .*part\.wm failed"):
         runner.load(reader.stream(timeout=30))
     writer.join(10)
+
+
+def test_a_partition_still_filling_packs_as_loaded_and_a_complete_one_as_configured(
+    tmp_path: Path,
+) -> None:
+    from services.worker.partition import packing_mode
+
+    writer = SharedWatermark.create(tmp_path / "part.wm", 100)
+    reader = SharedWatermark.open(tmp_path / "part.wm")
+    assert packing_mode(reader, "background") == "as_loaded"
+    assert packing_mode(reader, "off") == "off"
+    writer.advance(100)
+    writer.finish()
+    assert packing_mode(reader, "background") == "background"
+    assert packing_mode(reader, "sync") == "sync"
