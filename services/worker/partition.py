@@ -48,6 +48,7 @@ def packing_mode(watermark: SharedWatermark, configured: str) -> str:
 def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngine:
     """An engine over the stage in `partition`, loaded while its bytes arrive."""
     phases = config.phases
+    from services.worker.engine.config import EngineConfig
     from services.worker.engine.engine import LLMEngine
     from services.worker.engine.loader import SafetensorsReader
 
@@ -57,8 +58,9 @@ def load_engine_from_partition(config: WorkerConfig, partition: Path) -> LLMEngi
         watermark.wait_for(1, WATERMARK_TIMEOUT_S)
         phases["partition_mapped_at"] = time.time()
         start_layer, end_layer = stage_layers(config.model_dir)
-        options = config.engine_options | {"weight_packing": packing_mode(
-            watermark, str(config.engine_options.get("weight_packing", "background")))}
+        configured = config.engine_options.get("weight_packing", EngineConfig.weight_packing)
+        options = config.engine_options | {
+            "weight_packing": packing_mode(watermark, str(configured))}
         engine = LLMEngine.from_model_dir(
             config.model_dir, stage_boundaries=[start_layer, end_layer],
             max_num_seqs=config.worker.capacity, **options)

@@ -40,8 +40,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
-# The layer-count key differs by family and by config vintage (Falcon-7B uses n_layer).
 WEIGHT_PACKING_MODES = ("background", "sync", "as_loaded", "off")
+# The layer-count key differs by family and by config vintage (Falcon-7B uses n_layer).
 _NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 

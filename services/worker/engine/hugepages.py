@@ -4,8 +4,8 @@ A decode step streams every packed weight and the KV cache it reads from memory;
 that is a TLB miss every 4 KB. On Linux, `madvise(MADV_HUGEPAGE)` on a buffer not yet touched
 makes its pages fault in as 2 MB pages (the KV cache: allocated empty, zeroed as sequences
 reach it), and `MADV_COLLAPSE` (Linux 6.1+) moves a buffer already written (a packed weight)
-onto 2 MB pages at once. Measured on the 125M Llama, AMD EPYC, 2 threads: decode steps 4-5%
-faster at batch 16, 2-4% at batch 1 (docs/BENCHMARKS.md). Best effort: where the kernel
+onto 2 MB pages at once. Measured on the 125M Llama, AMD EPYC, 2 threads: decode steps 2-5%
+faster at batch 1 and at batch 16 (docs/BENCHMARKS.md). Best effort: where the kernel
 refuses (THP set to `never`, an older kernel, another OS) the buffer stays on 4 KB pages.
 """
 

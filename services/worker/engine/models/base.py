@@ -103,8 +103,8 @@ class StageModel(nn.Module):
         return [name for name, p in self.named_parameters() if p.is_meta]
 
 
-# Below this many rows the plain weight serves even when a packed one exists, unless the packer
-# measured the packed kernel faster at one row (cpu_packing.prefer_packed_at_one_row): on an
+# Below this many rows the plain weight serves even when a packed one exists, unless packed
+# weights serve single rows on this CPU (cpu_packing.packed_serves_one_row): on an
 # AVX-512 Xeon MKL's GEMV streamed the weights ~12% faster than oneDNN's packed kernel at 1-2
 # rows, on an AVX-512 AMD EPYC (where MKL takes a generic path) 1.7x slower; from 4 rows on the
 # packed kernel wins everywhere measured (at 16 rows by ~1.4-2x).
