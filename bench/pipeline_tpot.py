@@ -10,8 +10,9 @@ the bench prints the ratios.
 Configurations (`--configs`, comma-separated); the pipelines send frames on direct sockets
 and run each on the receiving socket's reader thread, as the workers do; each again as
 `<name>-queued` hands a stage's frames to its own thread (one wake-up more per hop, as before
-2026-11-23), and as `<name>-nats` (`pipe4-nats`, `pipe4-pinned-nats`, ...) sends them all
-through the NATS server:
+2026-11-23), as `<name>-nats` (`pipe4-nats`, `pipe4-pinned-nats`, ...) sends them all
+through the NATS server, and as `<name>-awake` keeps every stage's cores awake while frames
+flow (`services/worker/keep_awake.py`, what the workers do by default):
 - `whole`, `whole-1t`: the whole model in one process, with torch's default thread pool (one
   thread per core) / with one thread.
 - `pipe4`, `pipe2`: a degree-4 / degree-2 pipeline, every stage process with the default pool;
@@ -68,7 +69,7 @@ def _pin(cpu: int | None) -> None:
 
 def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: str,
                    nats_url: str, cpu: int | None, packing: str, direct: bool, inline: bool,
-                   ready: Any, stop: Any) -> None:
+                   ready: Any, stop: Any, awake: bool = False) -> None:
     """One stage >= 1: load its layers, serve frames until `stop` is set. `inline`: direct
     frames run on the socket's reader thread (as the worker does); else through the inbox
     and the stage's thread (one thread wake-up more per hop)."""
@@ -77,17 +78,22 @@ def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: s
 
     from services.worker.engine.config import EngineConfig
     from services.worker.engine.model_runner import ModelRunner
+    from services.worker.keep_awake import KeepAwake
     from services.worker.pipeline.channel import PipeChannel
     from services.worker.pipeline.stage import StageServer
 
     runner = ModelRunner(EngineConfig(model_path=Path(model_dir), start_layer=start,
                                       end_layer=end, weight_packing=packing))
     runner.load()
+    keep_awake = KeepAwake() if awake else None
 
     async def serve() -> None:
         nc = await nats.connect(nats_url)
         channel = PipeChannel(nc, endpoint, direct=direct, advertise_host="127.0.0.1")
-        server = StageServer(runner, stage=stage, send=channel.send_threadsafe)
+        if keep_awake is not None:
+            keep_awake.start()
+        server = StageServer(runner, stage=stage, send=channel.send_threadsafe,
+                             on_frame=keep_awake.poke if keep_awake else None)
         server.start()
         await channel.start(stage, server.inbox.put,
                             on_direct_frame=server.handle_now if inline else None)
@@ -95,6 +101,8 @@ def _stage_process(model_dir: str, start: int, end: int, stage: int, endpoint: s
         while not stop.is_set():
             await asyncio.sleep(0.05)
         server.stop(5)
+        if keep_awake is not None:
+            keep_awake.stop()
         await channel.close()
         await nc.drain()
 
@@ -170,12 +178,15 @@ def run_whole(model_dir: Path, tokens: int, repeats: int, cpu: int | None) -> li
 
 def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repeats: int,
                  pinned: bool | None, packing: str = "sync", direct: bool = True,
-                 paired: bool = False, inline: bool = True) -> list[float]:
+                 paired: bool = False, inline: bool = True, awake: bool = False
+                 ) -> list[float]:
     """`pinned` True: each stage pinned to a core with one thread; None: one thread each,
     unpinned; False: torch's default threads. `direct`: frames on direct sockets (else all
     through the NATS server). `paired`: the whole model is loaded in the driver's process too,
     and requests alternate between the two; the list is then the pipeline's TPOT over the
-    whole model's, request by request (drift hits both alike)."""
+    whole model's, request by request (drift hits both alike). `awake`: every stage process
+    keeps its cores awake while frames flow (`services/worker/keep_awake.py`, as the workers
+    do); the driver's spinners run on through the whole model's requests of a pair."""
     import nats
 
     from services.worker.engine.engine import LLMEngine
@@ -191,7 +202,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
         ready = ctx.Event()
         proc = ctx.Process(target=_stage_process, args=(
             str(model_dir), bounds[stage], bounds[stage + 1], stage, endpoint, nats_url,
-            _cpu(pinned, stage), packing, direct, inline, ready, stop), daemon=True)
+            _cpu(pinned, stage), packing, direct, inline, ready, stop, awake), daemon=True)
         proc.start()
         procs.append(proc)
         readies.append(ready)
@@ -205,8 +216,14 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
     loop = _Loop()
     nc = loop.run(nats.connect(nats_url))
     channel = PipeChannel(nc, endpoint, direct=direct, advertise_host="127.0.0.1")
-    driver = PipelineDriver(engine, degree=degree, send=channel.send_threadsafe)
+    from services.worker.keep_awake import KeepAwake
+
+    keep_awake = KeepAwake() if awake else None
+    driver = PipelineDriver(engine, degree=degree, send=channel.send_threadsafe,
+                            on_launch=keep_awake.poke if keep_awake else None)
     loop.run(channel.start(0, driver.inbox.put))
+    if keep_awake is not None:
+        keep_awake.start()
     try:
         driver.connect(timeout_s=30)
         if paired:
@@ -214,6 +231,8 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
         # as a cold start does: decode the moment the stages are loaded (while they pack)
         return _decode(driver, tokens, repeats, warm_up=packing == "sync")
     finally:
+        if keep_awake is not None:
+            keep_awake.stop()
         stop.set()
         for proc in procs:
             proc.join(10)
@@ -360,15 +379,16 @@ CONFIGS: dict[str, Callable[[Path, str, int, int], list[float]]] = {
 for _name, (_degree, _pinned) in {"pipe2": (2, False), "pipe2-1t": (2, None),
                                   "pipe4": (4, False), "pipe4-1t": (4, None),
                                   "pipe4-pinned": (4, True)}.items():
-    for _suffix, _direct, _inline in (("", True, True), ("-queued", True, False),
-                                      ("-nats", False, False)):
+    for _suffix, _direct, _inline, _awake in (
+            ("", True, True, False), ("-queued", True, False, False),
+            ("-nats", False, False, False), ("-awake", True, True, True)):
         CONFIGS[_name + _suffix] = (
-            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct, i=_inline:
-            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, False, i))
+            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct, i=_inline, a=_awake:
+            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, False, i, a))
         # `pair<...>`: the pipeline's TPOT over the whole model's, requests alternating
         CONFIGS["pair" + _name.removeprefix("pipe") + _suffix] = (
-            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct, i=_inline:
-            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, True, i))
+            lambda m, u, t, r, d=_degree, p=_pinned, x=_direct, i=_inline, a=_awake:
+            _in_child(run_pipeline, m, d, u, t, r, p, "sync", x, True, i, a))
 
 
 def main() -> None:

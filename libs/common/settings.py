@@ -92,6 +92,9 @@ class WorkerSettings(BaseModel):
     # the host other stages reach this worker's data-plane socket at (default: this host's
     # name, resolved: the pod's or container's address)
     data_plane_host: str | None = None
+    # pipeline workers keep their cores out of idle while frames flow (idle-priority spinner
+    # processes; services/worker/keep_awake.py), from the pipeline's start to consolidation
+    keep_awake: bool = True
 
 
 class Settings(BaseSettings):

@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 from libs.common.bus import EventPublisher, connect, ensure_streams
 from libs.common.messages import EventKind
 from services.worker.config import WorkerConfig
+from services.worker.keep_awake import KeepAwake
 from services.worker.observe import record_startup
 from services.worker.partition import load_worker_stage
 from services.worker.pipeline.channel import PipeChannel
@@ -49,6 +50,8 @@ class StageService:
         channel = PipeChannel(nc, config.endpoint_id, direct=config.worker.data_plane == "tcp",
                               advertise_host=config.worker.data_plane_host)
         server: StageServer | None = None
+        keep_awake = KeepAwake() if config.worker.keep_awake else None
+        spinners = 0
         exit_code = 0
         try:
             await ensure_streams(nc.jetstream(), config.bus)
@@ -65,7 +68,8 @@ class StageService:
                     lambda: loop.create_task(_publish(events, kind, **data)))
 
             server = StageServer(runner, stage=config.stage, send=channel.send_threadsafe,
-                                 on_event=on_event)
+                                 on_event=on_event,
+                                 on_frame=keep_awake.poke if keep_awake else None)
             server.start()
             await channel.start(config.stage, server.inbox.put,
                                 on_direct_frame=server.handle_now)
@@ -77,10 +81,15 @@ class StageService:
                                  end_layer=runner.stage.end_layer, phases=dict(config.phases))
             logger.info("stage %d of endpoint %s ready: layers [%d, %d)", config.stage,
                         config.endpoint_id, runner.stage.start_layer, runner.stage.end_layer)
+            if keep_awake is not None:  # after ready: not on the cold start's path
+                keep_awake.start()
             await stop.wait()
         finally:
             if not loading.done():
                 loading.cancel()
+            if keep_awake is not None:
+                spinners = keep_awake.num_spinners
+                await asyncio.to_thread(keep_awake.stop)
             if server is not None:
                 await asyncio.to_thread(server.stop, 10.0)
                 exit_code = 1 if server.error is not None else 0
@@ -88,7 +97,8 @@ class StageService:
             await _publish(events, EventKind.WORKER_STOPPED, exit_code=exit_code,
                            num_steps=server.num_steps if server else 0,
                            compute_s=round(server.compute_s, 6) if server else 0.0,
-                           frame_s=round(server.frame_s, 6) if server else 0.0)
+                           frame_s=round(server.frame_s, 6) if server else 0.0,
+                           keep_awake_cpus=spinners)
             with contextlib.suppress(NatsError):
                 await nc.drain()
         return exit_code

@@ -7,6 +7,7 @@ the full-size worker remains and serves the next request alone."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -86,6 +87,29 @@ def stream(stack: ColdStack, max_tokens: int) -> str:
     return "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
 
 
+def keep_awake_spinners() -> list[int]:
+    """Keep-awake spinner processes descended from this test process."""
+    from services.worker.keep_awake import SPINNER_MARK
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if SPINNER_MARK.encode() not in (proc / "cmdline").read_bytes():
+                continue
+            pid = int(proc.name)
+            while pid > 1:
+                status = Path(f"/proc/{pid}/status").read_text()
+                pid = int(status.split("PPid:")[1].split()[0])
+                if pid == os.getpid():
+                    found.append(int(proc.name))
+                    break
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 async def _workers(db_url: str) -> list[tuple[int, int, int, str]]:
     dsn = db_url.replace("postgresql+asyncpg://", "postgresql://")
     conn = await asyncpg.connect(dsn)
@@ -122,6 +146,12 @@ def test_a_pipelined_cold_start_consolidates_mid_stream_with_the_same_tokens(
     assert migrated.time < done.time
     (consolidated,) = kinds(events, EventKind.WORKER_CONSOLIDATED)
     assert consolidated.worker_id == placed[0].worker_id
+    # every pipeline worker kept its cores awake (one spinner a core) until it was done
+    cores = len(os.sched_getaffinity(0))
+    assert consolidated.data["keep_awake_cpus"] == cores
+    stage_stops = [e for e in kinds(events, EventKind.WORKER_STOPPED) if "num_steps" in e.data]
+    assert sorted(e.worker_id for e in stage_stops) == sorted(e.worker_id for e in placed[1:])
+    assert [e.data["keep_awake_cpus"] for e in stage_stops] == [cores] * (degree - 1)
     stopped = kinds(events, EventKind.WORKER_STOPPED, by="node_agent")
     assert sorted(e.worker_id for e in stopped) == sorted(e.worker_id for e in placed[1:])
     assert all(e.data["asked"] for e in stopped)
@@ -149,6 +179,7 @@ def test_after_consolidation_one_worker_serves_and_the_partial_nodes_are_free(
     second = kinds(events, EventKind.REQUEST_FIRST_TOKEN)[-1]
     assert second.worker_id == placed[0].worker_id
     assert asyncio.run(_workers(db_url)) == [(0, 0, 4, placed[0].node_id)]
+    assert keep_awake_spinners() == []  # stopped with the pipeline, none orphaned
     partial_nodes = {e.node_id for e in placed[1:]}
     for node_id, work_dir in zip(stack.node_ids, stack.work_dirs, strict=True):
         if node_id in partial_nodes:

@@ -109,6 +109,24 @@ def test_a_pipeline_gives_the_greedy_tokens_of_hugging_face(saved: SavedModel,
     assert tokens == {f"r{i}": hf_greedy(hf_model, prompt, 20) for i, prompt in enumerate(PROMPTS)}
 
 
+def test_stages_build_each_decode_batch_ahead(saved: SavedModel) -> None:
+    """One request alone: every decode step after the first finds the batch its stage built
+    while the later stages computed the step before; the tokens stay HF's."""
+    folder, hf_model = saved
+    pipeline = Pipeline(folder, [0, 2, 4, 6])
+    try:
+        pipeline.driver.add_request("r0", PROMPTS[1], GREEDY)
+        tokens = run(pipeline.driver)
+        hits = [server.num_prepared_hits for server in pipeline.servers]
+        steps = [server.num_steps for server in pipeline.servers]
+    finally:
+        pipeline.close()
+    assert tokens == {"r0": hf_greedy(hf_model, PROMPTS[1], 20)}
+    # 20 tokens: the prefill step, then 19 decode steps, each one token further
+    assert steps == [20, 20]
+    assert hits == [19, 19]
+
+
 def test_micro_batches_overlap_and_late_requests_join(saved: SavedModel) -> None:
     folder, _ = saved
     requests = {f"r{i}": (prompt, sampled(i) if i % 2 else GREEDY)

@@ -73,13 +73,16 @@ class _Handover:
 
 class PipelineDriver:
     def __init__(self, engine: LLMEngine, *, degree: int, send: SendFn,
-                 max_in_flight: int | None = None) -> None:
+                 max_in_flight: int | None = None,
+                 on_launch: Callable[[], None] | None = None) -> None:
         if not engine.is_partial or degree < 2:
             raise ValueError("a pipeline driver drives a partial engine of a degree >= 2 pipeline")
         self.engine = engine
         self.degree = degree
         self._send = send
         self.max_in_flight = max_in_flight or degree
+        # called as each micro-batch is launched (KeepAwake.poke)
+        self.on_launch = on_launch or (lambda: None)
         self.inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._in_flight: dict[int, StepPlan] = {}
         self._handover: _Handover | None = None
@@ -204,6 +207,7 @@ class PipelineDriver:
 
     # --- micro-batches -------------------------------------------------------------------------
     def _launch(self, plan: StepPlan) -> None:
+        self.on_launch()
         hidden = self.engine.run_stages(plan)  # [num_tokens, hidden]
         writer = BlobWriter()
         forward = plan.forward

@@ -28,6 +28,7 @@ from libs.common.messages import (
 from libs.common.subjects import event_subject
 from services.worker.config import WorkerConfig
 from services.worker.engine_loop import EngineLoop
+from services.worker.keep_awake import KeepAwake
 from services.worker.pipeline.channel import PipeChannel
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class PipelineLink:
         self._connected = asyncio.Event()
         self._engine_loop: EngineLoop | None = None
         self._consolidation: asyncio.Task[None] | None = None
+        self.keep_awake = KeepAwake() if config.worker.keep_awake else None
+        if self.keep_awake is not None:
+            driver.on_launch = self.keep_awake.poke
 
     async def start(self) -> None:
         """Open the data plane and listen for the control events (before reporting ready)."""
@@ -66,6 +70,8 @@ class PipelineLink:
     async def connect(self) -> None:
         """After `ready`: check every stage answers, and size the batch to the smallest."""
         infos = await asyncio.to_thread(self.driver.connect, CONNECT_TIMEOUT_S)
+        if self.keep_awake is not None:
+            self.keep_awake.start()
         logger.info("pipeline of endpoint %s connected: %s", self.config.endpoint_id,
                     {stage: (p.num_slots, p.max_model_len) for stage, p in infos.items()})
 
@@ -77,7 +83,16 @@ class PipelineLink:
     async def close(self) -> None:
         if self._consolidation is not None and not self._consolidation.done():
             self._consolidation.cancel()
+        await self._stop_keeping_awake()
         await self.channel.close()
+
+    async def _stop_keeping_awake(self) -> int:
+        """Stop the spinners; how many there were."""
+        if self.keep_awake is None or not self.keep_awake.num_spinners:
+            return 0
+        spinners = self.keep_awake.num_spinners
+        await asyncio.to_thread(self.keep_awake.stop)
+        return spinners
 
     async def _on_event(self, msg: Msg) -> None:
         try:
@@ -128,12 +143,14 @@ class PipelineLink:
             logger.exception("consolidation of endpoint %s failed", self.config.endpoint_id)
             await self._publish(EventKind.CONSOLIDATION_FAILED, error=repr(exc))
             return
+        spinners = await self._stop_keeping_awake()  # one worker now: no waits between steps
         await self._publish(EventKind.KV_MIGRATED, num_seqs=stats.num_seqs,
                             num_bytes=stats.num_bytes, pause_s=round(stats.pause_s, 6))
         await self._publish(EventKind.WORKER_CONSOLIDATED, start_layer=0,
                             end_layer=engine.model_config.num_layers,
                             consolidation_s=round(time.monotonic() - started, 6),
-                            partial_worker_ids=command.partial_worker_ids)
+                            partial_worker_ids=command.partial_worker_ids,
+                            keep_awake_cpus=spinners)
         logger.info("worker %s consolidated endpoint %s in %.2fs (%d sequences moved)",
                     self.config.worker_id, self.config.endpoint_id,
                     time.monotonic() - started, stats.num_seqs)

@@ -26,7 +26,7 @@ class BlobWriter:
         self.num_bytes = 0
 
     def add(self, tensor: torch.Tensor) -> TensorInfo:
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = tensor_bytes(tensor)
         info = TensorInfo(dtype=str(tensor.dtype).removeprefix("torch."),
                           shape=list(tensor.shape), offset=self.num_bytes, nbytes=len(data))
         self._parts.append(data)
@@ -40,6 +40,19 @@ class BlobWriter:
 def encode(header: Message, blob: bytes = b"") -> bytes:
     head = header.model_dump_json().encode()
     return _LENGTH.pack(len(head)) + head + blob
+
+
+def reframe(frame: bytes | bytearray, blob: bytes) -> bytes:
+    """`frame`'s header with another blob: a stage passes a batch on with the header it
+    received (its moves and finished ids travel on), where the activations it computed have
+    the shape, dtype and size the header already gives."""
+    (length,) = _LENGTH.unpack_from(frame)
+    return bytes(memoryview(frame)[:_LENGTH.size + length]) + blob
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's raw bytes, as `BlobWriter` stores them."""
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def decode(body: bytes | bytearray, cls: type[M]) -> tuple[M, memoryview]:
