@@ -7,11 +7,15 @@ caches are cold. On the 2-core VM of docs/BENCHMARKS.md a stage's three layers r
 slower than the same layers inside a whole-model worker, which never waits. The usual remedy
 is busy-polling (NCCL's proxy threads, DPDK); a Python thread cannot spin beside the stage's
 compute without taking the GIL from it, so the spinning happens in helper processes instead:
-one per core the worker may run on, pinned to it, at `SCHED_IDLE` priority. They only ever
-run when nothing else wants the core (any other task preempts them at once, an idle-priority
-task weighs 3 against a normal one's 1024, and the kernel places a woken task on a core that
-runs only such tasks as if it were idle), so they take next to no CPU time from any other
-process; they keep the core from halting. `WorkerSettings.keep_awake` (default on) turns
+one per core the worker may run on (at most `MAX_SPINNERS`), pinned to it, at `SCHED_IDLE`
+priority, each in a session of its own whose autogroup runs at nice 19. They run when nothing
+else wants the core (any other task preempts them at once, and the kernel places a woken task
+on a core that runs only such tasks as if it were idle), so they take next to no CPU time
+from any other process; they keep the core from halting. The session matters: with autogroups
+on (most desktop and VM kernels), CPU time is shared between sessions first, and a spinner
+left in its worker's session kept that session runnable, so it took a full session's share
+from every other worker: pipeline stages ran 3-4x slower in `bench/coldstart.py`, where four
+workers share two cores (docs/BENCHMARKS.md). `WorkerSettings.keep_awake` (default on) turns
 them on for pipeline workers, from the pipeline's connection to its consolidation.
 
 They spin only while the pipeline is busy: the worker stamps a shared page on every frame
@@ -33,6 +37,9 @@ import time
 logger = logging.getLogger(__name__)
 
 _STAMP = struct.Struct("d")
+# spinners a worker starts at most (the first cores of its affinity mask): a pod on a big
+# node that is not pinned to a few cores should not start a process per core of the node
+MAX_SPINNERS = 8
 
 # argv: cpu, stamp fd (a memfd, inherited), idle_after_s, parent pid. No imports beyond the
 # interpreter's own (started with -S): it is running in ~20 ms.
@@ -42,6 +49,12 @@ import mmap, os, struct, sys, time
 cpu, fd, idle_after, parent = (int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]),
                                int(sys.argv[4]))
 os.sched_setaffinity(0, {cpu})
+os.setsid()
+try:  # a session of its own is an autogroup of its own: make that group weigh next to nothing
+    with open("/proc/self/autogroup", "w") as group:
+        group.write("19")
+except OSError:
+    pass  # no autogroups (CONFIG_SCHED_AUTOGROUP off): SCHED_IDLE alone is enough
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 page = mmap.mmap(fd, 8, prot=mmap.PROT_READ)
 os.close(fd)
@@ -60,7 +73,7 @@ class KeepAwake:
 
     def __init__(self, *, idle_after_s: float = 1.0, cpus: set[int] | None = None) -> None:
         self.idle_after_s = idle_after_s
-        self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+        self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))[:MAX_SPINNERS]
         self._procs: list[subprocess.Popen[bytes]] = []
         self._page: mmap.mmap | None = None
 
