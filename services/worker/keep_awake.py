@@ -68,12 +68,20 @@ while os.getppid() == parent:
 """
 
 
+def supported() -> bool:
+    """Linux: idle-priority scheduling, affinity and anonymous memory files."""
+    return all(hasattr(os, name) for name in ("SCHED_IDLE", "sched_getaffinity",
+                                              "memfd_create", "setsid"))
+
+
 class KeepAwake:
     """Idle-priority spinners on this process's cores, busy while `poke` is recent."""
 
     def __init__(self, *, idle_after_s: float = 1.0, cpus: set[int] | None = None) -> None:
         self.idle_after_s = idle_after_s
-        self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))[:MAX_SPINNERS]
+        if cpus is None:
+            cpus = os.sched_getaffinity(0) if supported() else set()
+        self.cpus = sorted(cpus)[:MAX_SPINNERS]
         self._procs: list[subprocess.Popen[bytes]] = []
         self._page: mmap.mmap | None = None
 
@@ -82,6 +90,9 @@ class KeepAwake:
         return len(self._procs)
 
     def start(self) -> None:
+        if not self.cpus:
+            logger.info("keep-awake needs Linux (SCHED_IDLE, memfd); cores may idle")
+            return
         # the stamp lives in an anonymous memory file: nothing to clean up if we are killed
         fd = os.memfd_create("hydraserve-keep-awake")
         try:

@@ -78,6 +78,14 @@ def test_spinners_idle_priority_pinned_and_busy_only_while_poked() -> None:
     assert keep_awake._page is None
 
 
+def test_no_cores_no_spinners() -> None:
+    keep_awake = KeepAwake(cpus=set())
+    keep_awake.start()
+    keep_awake.poke()
+    assert keep_awake.num_spinners == 0
+    keep_awake.stop()
+
+
 def test_spinners_exit_with_the_worker() -> None:
     worker = subprocess.Popen(
         [sys.executable, "-c",
