@@ -54,7 +54,13 @@ try:  # a session of its own is an autogroup of its own: make that group weigh n
     with open("/proc/self/autogroup", "w") as group:
         group.write("19")
 except OSError:
-    pass  # no autogroups (CONFIG_SCHED_AUTOGROUP off): SCHED_IDLE alone is enough
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as enabled:
+            autogroups = enabled.read().strip() == "1"
+    except OSError:
+        autogroups = False
+    if autogroups:  # a full-weight group of its own would take a session's share: don't spin
+        sys.exit("keep-awake: cannot lower this session's autogroup; not spinning")
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 page = mmap.mmap(fd, 8, prot=mmap.PROT_READ)
 os.close(fd)
