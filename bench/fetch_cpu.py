@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from libs.common.embedded.process import free_port  # noqa: E402
 from services.prefetcher import fetch  # noqa: E402
 
 HTTPX_PIECE_BYTES = 64 << 10
@@ -42,12 +42,6 @@ def _cpu_self() -> float:
 def _cpu_of(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _one(url: str, model: str, piece_bytes: int, nic_bytes_per_s: float, store_pid: int
@@ -76,7 +70,7 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         write_demo_model(model_dir, size=args.size)
     nic = args.nic_mb_s * 1e6
-    port = _free_port()
+    port = free_port("127.0.0.1")
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as root:
         store = subprocess.Popen(

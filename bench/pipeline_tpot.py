@@ -190,6 +190,7 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
     import nats
 
     from services.worker.engine.engine import LLMEngine
+    from services.worker.keep_awake import KeepAwake
     from services.worker.pipeline.channel import PipeChannel
     from services.worker.pipeline.driver import PipelineDriver
 
@@ -216,8 +217,6 @@ def run_pipeline(model_dir: Path, degree: int, nats_url: str, tokens: int, repea
     loop = _Loop()
     nc = loop.run(nats.connect(nats_url))
     channel = PipeChannel(nc, endpoint, direct=direct, advertise_host="127.0.0.1")
-    from services.worker.keep_awake import KeepAwake
-
     keep_awake = KeepAwake() if awake else None
     driver = PipelineDriver(engine, degree=degree, send=channel.send_threadsafe,
                             on_launch=keep_awake.poke if keep_awake else None)

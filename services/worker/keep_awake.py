@@ -16,7 +16,7 @@ on (most desktop and VM kernels), CPU time is shared between sessions first, and
 left in its worker's session kept that session runnable, so it took a full session's share
 from every other worker: pipeline stages ran 3-4x slower in `bench/coldstart.py`, where four
 workers share two cores (docs/BENCHMARKS.md). `WorkerSettings.keep_awake` (default on) turns
-them on for pipeline workers, from the pipeline's connection to its consolidation.
+them on for pipeline workers, from the pipeline's start of service to its consolidation.
 
 They spin only while the pipeline is busy: the worker stamps a shared page on every frame
 (`poke`, ~1 µs; the page is an anonymous memory file the helpers inherit), and a helper
@@ -41,9 +41,10 @@ _STAMP = struct.Struct("d")
 # node that is not pinned to a few cores should not start a process per core of the node
 MAX_SPINNERS = 8
 
+# the spinner's first line: how a process is recognised as one
+SPINNER_MARK = "# hydraserve keep-awake spinner"
 # argv: cpu, stamp fd (a memfd, inherited), idle_after_s, parent pid. No imports beyond the
 # interpreter's own (started with -S): it is running in ~20 ms.
-SPINNER_MARK = "# hydraserve keep-awake spinner"
 _SPINNER = SPINNER_MARK + """
 import mmap, os, struct, sys, time
 cpu, fd, idle_after, parent = (int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]),

@@ -57,6 +57,7 @@ class PipelineLink:
         self._engine_loop: EngineLoop | None = None
         self._consolidation: asyncio.Task[None] | None = None
         self.keep_awake = KeepAwake() if config.worker.keep_awake else None
+        self._keep_awake_started: asyncio.Future[None] | None = None
         if self.keep_awake is not None:
             driver.on_launch = self.keep_awake.poke
 
@@ -70,8 +71,6 @@ class PipelineLink:
     async def connect(self) -> None:
         """After `ready`: check every stage answers, and size the batch to the smallest."""
         infos = await asyncio.to_thread(self.driver.connect, CONNECT_TIMEOUT_S)
-        if self.keep_awake is not None:
-            self.keep_awake.start()
         logger.info("pipeline of endpoint %s connected: %s", self.config.endpoint_id,
                     {stage: (p.num_slots, p.max_model_len) for stage, p in infos.items()})
 
@@ -79,6 +78,9 @@ class PipelineLink:
         """The engine loop runs the driver now: consolidation may go ahead."""
         self._engine_loop = engine_loop
         self._connected.set()
+        if self.keep_awake is not None:  # in a thread: the first request need not wait
+            self._keep_awake_started = asyncio.ensure_future(
+                asyncio.to_thread(self.keep_awake.start))
 
     async def close(self) -> None:
         if self._consolidation is not None and not self._consolidation.done():
@@ -88,6 +90,11 @@ class PipelineLink:
 
     async def _stop_keeping_awake(self) -> int:
         """Stop the spinners; how many there were."""
+        if self._keep_awake_started is not None:
+            try:
+                await self._keep_awake_started
+            except OSError as exc:
+                logger.warning("keep-awake spinners did not start: %r", exc)
         if self.keep_awake is None or not self.keep_awake.num_spinners:
             return 0
         spinners = self.keep_awake.num_spinners

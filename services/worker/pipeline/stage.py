@@ -142,12 +142,11 @@ class StageServer:
                                      token_ids=token_ids))
         else:
             computed = time.perf_counter()
-            data = tensor_bytes(hidden)
-            if list(hidden.shape) == packet.hidden.shape and len(data) == packet.hidden.nbytes \
+            if list(hidden.shape) == packet.hidden.shape \
                     and str(hidden.dtype).removeprefix("torch.") == packet.hidden.dtype:
                 # the header as received: its moves and finished ids travel on, and it already
                 # describes these activations (a middle stage keeps [T, hidden])
-                forward = reframe(frame, data)
+                forward = reframe(frame, tensor_bytes(hidden))
             else:
                 writer = BlobWriter()
                 forward = encode(packet.model_copy(update={"hidden": writer.add(hidden)}),
